@@ -1,0 +1,45 @@
+"""Settings a user edits to switch dataset, model or schedule.
+
+Every UPPERCASE name here can also be overridden from the command line of main.py, test.py,
+benchmark.py and reproduce.py: ``--image-size 576``, ``--model unet``, ``--amp false``.
+Defaults follow the CE-Net paper (Gu et al., IEEE TMI 2019) on DRIVE.
+"""
+
+# --- data -------------------------------------------------------------------------------
+DATASET = "drive"             # which reader / metrics / class count: see data.DATASETS
+DATA_ROOT = "dataset/DRIVE"   # folder holding the dataset in its distributed layout
+IMAGE_SIZE = 448              # train/test side in pixels (square); must be a multiple of 32
+FOLD = 0                      # cross-validation fold, for datasets evaluated by k-fold
+NUM_FOLDS = 5                 # number of folds for those datasets
+
+# --- model ------------------------------------------------------------------------------
+MODEL = "cenet"               # see networks.MODELS (cenet, backbone, backbone_dac, ..., unet)
+PRETRAINED = "imagenet"       # "imagenet" (torchvision), "none", or a path to a ResNet-34 .pth
+
+# --- optimisation (paper: SGD, momentum 0.9, wd 1e-4, batch 8, poly LR from 4e-3) --------
+LOSS = "dice"                 # dice (Eq. 2), bce, ce, dice_bce
+BATCH_SIZE = 8                # global batch, split evenly over torchrun processes
+EPOCHS = 300                  # one epoch = ceil(train images / BATCH_SIZE) steps
+LR = 4e-3
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
+POLY_POWER = 0.9              # lr = LR * (1 - step / total_steps) ** POLY_POWER
+AUGMENT = True                # dihedral flips, 90-110 % scaling, shift, HSV jitter
+SEED = 0
+
+# --- machine ----------------------------------------------------------------------------
+DEVICE = "auto"               # auto (CUDA if present), cuda, cpu
+AMP = True                    # bf16 autocast on CUDA; ignored on CPU
+CHANNELS_LAST = True          # memory format on CUDA; ignored on CPU
+COMPILE = False               # torch.compile the model (falls back with a notice if it fails)
+
+# --- output -----------------------------------------------------------------------------
+RUN_NAME = ""                 # empty: <dataset>_<model>_<date-time>
+WEIGHTS_DIR = "weights"
+RESULTS_DIR = "results"
+THRESHOLD = 0.5               # probability threshold for binary masks and Acc/Sen/Spe/F1
+TTA = True                    # 8-way dihedral test-time augmentation
+VISDOM_SERVER = "http://localhost"
+VISDOM_PORT = 8097
+VISDOM = True                 # log to visdom when a server answers; training goes on without
+LOG_EVERY = 10                # steps between visdom / progress-bar loss updates

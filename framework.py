@@ -1,0 +1,409 @@
+"""Training and inference machinery shared by main.py, test.py, benchmark.py and reproduce.py.
+
+- device choice, seeding, torchrun/DDP set-up;
+- checkpoints that record everything test.py needs, and load whatever wrapper saved them;
+- `Trainer`: SGD + poly LR on in-memory tensors with batch augmentation on the device;
+- `predict`: 8-way dihedral test-time augmentation, all views in one batched forward;
+- `VisdomLogger`: optional live curves, silent after one notice when no server answers.
+"""
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import data
+import loss as losses
+import networks
+from cli import UserError
+
+CHECKPOINT_FORMAT = "cenet-repro/1"
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+# --------------------------------------------------------------------------------------------
+# Machine
+# --------------------------------------------------------------------------------------------
+
+def select_device(name):
+    """'auto' takes CUDA when present and says so when it falls back; 'cuda' insists."""
+    if name not in ("auto", "cuda", "cpu") and not name.startswith("cuda:"):
+        raise UserError(f"device {name!r} not understood; use auto, cuda, cuda:N or cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        if name == "auto":
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device(name)
+    if name == "auto":
+        print("notice: CUDA is not available, running on the CPU (slow; fine for tests and tiny runs)",
+              file=sys.stderr)
+        return torch.device("cpu")
+    raise UserError(f"--device {name} was asked for but CUDA is not available on this machine; "
+                    f"use --device cpu or --device auto")
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def distributed_context():
+    """(rank, world_size) from torchrun's environment, initialising the process group once."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), world_size
+
+
+def configure_speed(device, settings):
+    """cudnn autotuning and TF32 on CUDA: free speed for fixed-size inputs."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.set_device(device)
+
+
+def autocast(device, enabled):
+    """bf16 autocast on CUDA when enabled; a no-op elsewhere (CPU runs stay fp32 and exact)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def memory_format(device, settings):
+    if settings.get("CHANNELS_LAST") and device.type == "cuda":
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+def unwrap(model):
+    """The plain module inside DataParallel / DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def clean_state_dict(state_dict):
+    """Strip wrapper prefixes ('module.', '_orig_mod.', in any order) from every key."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        cleaned[key] = value
+    return cleaned
+
+
+def checkpoint_settings(settings):
+    return {key: value for key, value in settings.items() if not key.startswith("_")}
+
+
+def save_checkpoint(path, model, settings, **extra):
+    """Write a checkpoint that test.py can use alone. Refuses to replace an existing file."""
+    path = Path(path)
+    if path.exists():
+        raise UserError(f"{path} already exists; refusing to overwrite it (choose another --run-name)")
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model": settings["MODEL"],
+        "dataset": settings["DATASET"],
+        "num_classes": data.dataset_spec(settings["DATASET"]).num_classes,
+        "image_size": settings["IMAGE_SIZE"],
+        "settings": checkpoint_settings(settings),
+        "state_dict": clean_state_dict(unwrap(model).state_dict()),
+        **extra,
+    }
+    temporary = path.with_name(path.name + ".partial")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)  # a crash mid-write never leaves a truncated checkpoint behind
+    return path
+
+
+def read_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several unrelated types for a bad file
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:120]})")
+    if not isinstance(payload, dict):
+        raise UserError(f"{path} holds a {type(payload).__name__}, not a checkpoint dictionary")
+    return payload
+
+
+def model_from_checkpoint(path, settings):
+    """Rebuild the model a checkpoint was trained as, and the settings it was trained with.
+
+    Our checkpoints carry architecture, class count and image size. A bare state dict (for example
+    the authors' release) is loaded into the model named by the current settings. Either way a
+    mismatch between what the user asked for and what the file holds is one clear error.
+    """
+    payload = read_checkpoint(path)
+    overridden = set(settings.get("_OVERRIDDEN", ()))
+    if payload.get("format") == CHECKPOINT_FORMAT:
+        trained = dict(payload["settings"])
+        for key in ("MODEL", "DATASET"):
+            if key in overridden and settings[key] != trained[key]:
+                raise UserError(f"checkpoint {path} was trained as {key.lower()} {trained[key]!r}, "
+                                f"but --{key.lower()} {settings[key]} was given; drop the flag or pick "
+                                f"the matching checkpoint")
+        merged = {**trained, **{key: settings[key] for key in overridden}, "_OVERRIDDEN": sorted(overridden)}
+        state_dict, num_classes = payload["state_dict"], payload["num_classes"]
+    else:
+        merged = dict(settings)
+        state_dict = payload.get("state_dict", payload.get("model", payload))
+        num_classes = data.dataset_spec(settings["DATASET"]).num_classes
+    expected = data.dataset_spec(merged["DATASET"]).num_classes
+    if num_classes != expected:
+        raise UserError(f"checkpoint {path} predicts {num_classes} classes but dataset "
+                        f"{merged['DATASET']!r} has {expected}")
+    model = networks.build_model(merged["MODEL"], num_classes=num_classes)
+    load_state_dict_checked(model, clean_state_dict(state_dict), path, merged["MODEL"])
+    return model, merged, payload
+
+
+def load_state_dict_checked(model, state_dict, path, name):
+    if not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+        raise UserError(f"{path} does not hold model weights")
+    own = model.state_dict()
+    missing = [key for key in own if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in own]
+    wrong_shape = [key for key in own if key in state_dict and state_dict[key].shape != own[key].shape]
+    if missing or unexpected or wrong_shape:
+        example = (wrong_shape or missing or unexpected)[0]
+        raise UserError(f"checkpoint {path} does not fit architecture {name!r}: {len(missing)} missing, "
+                        f"{len(unexpected)} unexpected, {len(wrong_shape)} wrong-shape tensors "
+                        f"(e.g. {example}); is it from another model or class count?")
+    model.load_state_dict(state_dict)
+
+
+def new_run_dir(parent, name):
+    """A fresh folder for this run's outputs: an existing name gets a -2, -3, ... suffix, never reused."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    candidate, number = parent / name, 1
+    while True:
+        try:
+            candidate.mkdir()
+            if number > 1:
+                print(f"notice: {parent / name} already exists; writing to {candidate} instead", file=sys.stderr)
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = parent / f"{name}-{number}"
+
+
+def latest_checkpoint(weights_dir):
+    found = sorted(Path(weights_dir).glob("*/final.pth"), key=lambda path: path.stat().st_mtime)
+    if not found:
+        raise UserError(f"no checkpoint under {weights_dir}/; train one with main.py or pass --checkpoint PATH")
+    return found[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+def poly_lr(base_lr, step, total_steps, power):
+    """lr = base_lr * (1 - step / total_steps) ** power, the paper's poly schedule."""
+    return base_lr * (1 - step / total_steps) ** power
+
+
+def maybe_compile(model, enabled):
+    if not enabled:
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as error:  # an unsupported platform raises here rather than at the first call
+        print(f"notice: torch.compile unavailable ({type(error).__name__}); running eagerly", file=sys.stderr)
+        return model
+
+
+class Trainer:
+    """SGD with momentum and weight decay, poly LR, the paper's augmentation, on in-memory tensors.
+
+    `images`/`labels` are uint8 tensors of the whole training set at the training size; they are
+    moved to the device once, so a step never waits for a loader.
+    """
+
+    def __init__(self, model, images, labels, settings, device, rank=0, world_size=1):
+        if settings["BATCH_SIZE"] % world_size:
+            raise UserError(f"batch size {settings['BATCH_SIZE']} does not split over {world_size} processes")
+        self.settings, self.device = settings, device
+        self.rank, self.world_size = rank, world_size
+        self.num_classes = data.dataset_spec(settings["DATASET"]).num_classes
+        self.format = memory_format(device, settings)
+        self.model = unwrap(model).to(device, memory_format=self.format)
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.criterion = losses.build_loss(settings["LOSS"], self.num_classes)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=settings["LR"], momentum=settings["MOMENTUM"],
+                                         weight_decay=settings["WEIGHT_DECAY"])
+        self.total_steps = data.steps_for(len(images), settings["BATCH_SIZE"], settings["EPOCHS"])
+        self.stream = data.BatchStream(len(images), settings["BATCH_SIZE"] // world_size, settings["SEED"],
+                                       rank, world_size)
+        self.generator = torch.Generator().manual_seed(settings["SEED"] * 1000 + rank)
+        self.step_count = 0
+        wrapped = self.model
+        if world_size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
+        self.forward = maybe_compile(wrapped, settings["COMPILE"])
+
+    def batch(self):
+        index = self.stream.next().to(self.device)
+        images = self.images[index].float() / 255
+        labels = self.labels[index]
+        if self.settings["AUGMENT"]:
+            images, labels = data.augment(images, labels, self.generator)
+        images = data.normalize(images).contiguous(memory_format=self.format)
+        return images, labels.long()
+
+    def step(self):
+        """One optimisation step; returns the loss as a tensor (no host sync)."""
+        lr = poly_lr(self.settings["LR"], self.step_count, self.total_steps, self.settings["POLY_POWER"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images, labels = self.batch()
+        self.model.train()
+        with autocast(self.device, self.settings["AMP"]):
+            logits = self.forward(images)
+        loss = self.criterion(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step_count += 1
+        return loss.detach()
+
+    @property
+    def lr(self):
+        return self.optimizer.param_groups[0]["lr"]
+
+    def sample_prediction(self):
+        """First training image, its label and the current prediction, for a visual check."""
+        image = self.images[:1].float() / 255
+        probs = predict(self.model, data.normalize(image), self.device, tta=False, amp=self.settings["AMP"])
+        return image[0].cpu(), self.labels[0].cpu(), probs[0].cpu()
+
+
+# --------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model, images, device, tta=True, amp=True, fmt=torch.contiguous_format, images_per_batch=4):
+    """Class probabilities (N, K, H, W) for normalised images (N, 3, H, W).
+
+    With `tta`, every image is seen in all 8 dihedral variants; the variants of `images_per_batch`
+    images go through the network in one forward pass, each prediction is mapped back and the 8 are
+    averaged (the paper's test-time augmentation).
+    """
+    model.eval()
+    variants = range(8) if tta else range(1)
+    results = []
+    for chunk in images.split(images_per_batch):
+        chunk = chunk.to(device, non_blocking=True)
+        batch = torch.cat([data.dihedral(chunk, k) for k in variants]).contiguous(memory_format=fmt)
+        with autocast(device, amp):
+            logits = model(batch)
+        probs = networks.probabilities(logits.float()).split(len(chunk))
+        restored = torch.stack([data.undo_dihedral(view, k) for view, k in zip(probs, variants)])
+        results.append(restored.mean(0))
+    return torch.cat(results)
+
+
+# --------------------------------------------------------------------------------------------
+# Visdom
+# --------------------------------------------------------------------------------------------
+
+class VisdomLogger:
+    """Loss / LR curves and a sample (image, label, prediction) in a visdom environment.
+
+    When no server answers, says so once and turns into a no-op, so training never depends on it.
+    """
+
+    def __init__(self, server, port, env, enabled=True):
+        self.env, self.viz = env, None
+        if not enabled:
+            return
+        try:
+            import logging
+
+            from visdom import Visdom
+            logging.getLogger("visdom").setLevel(logging.CRITICAL)
+            viz = Visdom(server=server, port=port, env=env, raise_exceptions=True, use_incoming_socket=False)
+            if viz.check_connection(timeout_seconds=2):
+                self.viz = viz
+        except Exception:  # visdom raises bare ConnectionErrors of several kinds
+            self.viz = None
+        if self.viz is None:
+            print(f"notice: no visdom server at {server}:{port}; training goes on without live plots "
+                  f"(start one with `python -m visdom.server`)", file=sys.stderr)
+
+    def scalar(self, window, step, value):
+        if self.viz is None:
+            return
+        try:
+            update = "append" if self.viz.win_exists(window, env=self.env) else None
+            self.viz.line(X=[step], Y=[value], win=window, env=self.env, update=update,
+                          opts={"title": window, "xlabel": "step"})
+        except Exception:
+            self._lost()
+
+    def sample(self, image, label, probs):
+        """Image, label and prediction side by side (the prediction is the foreground probability,
+        or the argmax class scaled to grey for multi-class)."""
+        if self.viz is None:
+            return
+        if probs.shape[0] == 1:
+            shown = probs[0]
+        else:
+            shown = probs.argmax(0).float() / max(1, probs.shape[0] - 1)
+        grey = label.float() / max(1, int(label.max()))
+        tiles = torch.stack([image, grey.expand(3, -1, -1), shown.expand(3, -1, -1)])
+        try:
+            self.viz.images(tiles.clamp(0, 1), nrow=3, win="sample", env=self.env,
+                            opts={"title": "image | label | prediction"})
+        except Exception:
+            self._lost()
+
+    def _lost(self):
+        print("notice: lost the visdom server; training goes on without live plots", file=sys.stderr)
+        self.viz = None
+
+
+def write_json(path, payload):
+    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def timed():
+    """A monotonic clock that waits for queued GPU work first, so timings are real."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()

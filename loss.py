@@ -1,0 +1,177 @@
+"""Training losses of CE-Net: the paper's Dice loss (Eq. 2), cross-entropy, and their sum.
+
+Every loss takes ``forward(logits, target)``:
+
+* ``logits``: float tensor (N, K, H, W). K = 1 is a binary task (sigmoid of the single
+  foreground channel); K >= 2 is a multi-class task (softmax over dim 1).
+* ``target``: integer class map (N, H, W), uint8 or int64, values in [0, K-1] for K >= 2
+  and in {0, 1} for K = 1 (1 = foreground).
+
+and returns a float32 scalar. Logits are cast to float32 first, so a loss called inside
+``torch.autocast(dtype=torch.bfloat16)`` sums in full precision.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cli import UserError
+
+LOSSES = ("dice", "bce", "ce", "dice_bce")
+
+
+def check_logits_and_target(logits, target):
+    """Validate a (logits, target) pair and return the channel count K.
+
+    Raises ValueError when logits are not (N, K, H, W), when target is not an integer
+    (N, H, W) map with the same N, H, W, or when a target value lies outside the classes
+    the logits describe ({0, 1} for K = 1, [0, K-1] for K >= 2). The value check raises
+    ValueError for CPU tensors; on an accelerator it is a device-side assert (RuntimeError
+    at the next synchronisation), so training steps need no host sync.
+    """
+    if not torch.is_tensor(logits) or not torch.is_tensor(target):
+        raise ValueError("logits and target must be torch tensors")
+    if logits.ndim != 4:
+        raise ValueError(f"logits must have shape (N, K, H, W), got {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
+    n, k, h, w = logits.shape
+    if k < 1:
+        raise ValueError("logits have no channels (K = 0)")
+    if target.ndim != 3 or tuple(target.shape) != (n, h, w):
+        raise ValueError(
+            f"target must have shape (N, H, W) = {(n, h, w)} to match logits {tuple(logits.shape)}, "
+            f"got {tuple(target.shape)}")
+    if target.is_floating_point() or target.is_complex():
+        raise ValueError(f"target must be an integer class map (uint8 or int64), got {target.dtype}")
+    highest = 1 if k == 1 else k - 1
+    expected = "binary task (K = 1) expects {0, 1}" if k == 1 else f"K = {k} classes expect [0, {k - 1}]"
+    out_of_range = ((target < 0) | (target > highest)).any()
+    if target.device.type == "cpu":
+        if bool(out_of_range):
+            found = (int(target.min()), int(target.max()))
+            raise ValueError(f"target values span {found}, but the logits' {expected}")
+    else:
+        # A host-side check would stall every training step until the GPU catches up; the
+        # device-side assert keeps the step asynchronous and still stops on a bad label map.
+        torch._assert_async(~out_of_range, f"target values out of range: the logits' {expected}")
+    return k
+
+
+def probabilities_and_one_hot(logits, target):
+    """Float32 probabilities p and one-hot target g, both (N, C, H, W).
+
+    K = 1: p = sigmoid(logits) and g = target, one foreground channel (C = 1).
+    K >= 2: p = softmax(logits, dim=1) and g = one_hot(target), all K classes (C = K).
+    """
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits), target.unsqueeze(1).float()
+    probs = torch.softmax(logits, dim=1)
+    one_hot = torch.zeros_like(probs).scatter_(1, target.long().unsqueeze(1), 1.0)
+    return probs, one_hot
+
+
+class DiceLoss(nn.Module):
+    """Dice loss of the CE-Net paper (Eq. 2), with additive smoothing s:
+
+        L = 1 - sum_k w_k * (2 * sum_i p_ik g_ik + s) / (sum_i p_ik^2 + sum_i g_ik^2 + s),
+        w_k = 1 / K,
+
+    where p = sigmoid(logits) for K = 1 (the foreground channel alone) or softmax(logits)
+    for K >= 2 (every class, background included), and g is the one-hot target. The index
+    i runs over every pixel of every image in the batch ("batch Dice"): one ratio per class
+    for the whole batch rather than a mean of per-image ratios, so an image with no
+    foreground does not yield a 0/0 term of its own.
+
+    With ``smooth=0`` this is exactly Eq. 2; the default ``smooth=1`` keeps the loss finite
+    (and equal to 1 - 1 = 0 for a confident empty prediction) when a class is absent from
+    both target and prediction.
+    """
+
+    def __init__(self, smooth=1.0):
+        super().__init__()
+        if smooth < 0:
+            raise ValueError(f"smooth must be >= 0, got {smooth}")
+        self.smooth = float(smooth)
+
+    def forward(self, logits, target):
+        check_logits_and_target(logits, target)
+        probs, one_hot = probabilities_and_one_hot(logits, target)
+        dims = (0, 2, 3)
+        intersection = (probs * one_hot).sum(dims)
+        denominator = (probs * probs).sum(dims) + (one_hot * one_hot).sum(dims)
+        dice_per_class = (2.0 * intersection + self.smooth) / (denominator + self.smooth)
+        return 1.0 - dice_per_class.mean()
+
+
+class BCELoss(nn.Module):
+    """Binary cross-entropy for K = 1, averaged over all N * H * W pixels:
+
+        L = -mean_i [ g_i * log(sigmoid(x_i)) + (1 - g_i) * log(1 - sigmoid(x_i)) ],
+
+    computed from the logits x directly (log-sum-exp form) for numerical stability.
+    """
+
+    def forward(self, logits, target):
+        if check_logits_and_target(logits, target) != 1:
+            raise ValueError(f"BCELoss needs one logit channel (K = 1), got K = {logits.shape[1]}; "
+                             "use CELoss for multi-class logits")
+        return F.binary_cross_entropy_with_logits(logits[:, 0].float(), target.float())
+
+
+class CELoss(nn.Module):
+    """Cross-entropy for K >= 2, averaged over all N * H * W pixels:
+
+        L = -mean_i log softmax(x_i)[g_i].
+    """
+
+    def forward(self, logits, target):
+        if check_logits_and_target(logits, target) < 2:
+            raise ValueError("CELoss needs K >= 2 logit channels, got K = 1; use BCELoss for binary logits")
+        return F.cross_entropy(logits.float(), target.long())
+
+
+class DiceBCELoss(nn.Module):
+    """Dice loss plus pixel-wise cross-entropy, unweighted:
+
+        L = L_Dice + L_BCE   (K = 1)
+        L = L_Dice + L_CE    (K >= 2)
+
+    The cross-entropy term is picked from the logits' channel count at each call.
+    """
+
+    def __init__(self, smooth=1.0):
+        super().__init__()
+        self.dice = DiceLoss(smooth)
+        self.bce = BCELoss()
+        self.ce = CELoss()
+
+    def forward(self, logits, target):
+        cross_entropy = self.bce if logits.ndim == 4 and logits.shape[1] == 1 else self.ce
+        return self.dice(logits, target) + cross_entropy(logits, target)
+
+
+def build_loss(name, num_classes):
+    """The loss called ``name`` (one of LOSSES) for a model with ``num_classes`` outputs.
+
+    Raises UserError for an unknown name, or for a cross-entropy that does not fit the
+    task: "bce" needs num_classes = 1 and "ce" needs num_classes >= 2.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
+    key = str(name).strip().lower()
+    if key not in LOSSES:
+        raise UserError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
+    if key == "bce" and num_classes != 1:
+        raise UserError(f"loss 'bce' is for binary models (1 output channel), but this model has "
+                        f"{num_classes} classes; use 'ce' (or 'dice_bce', which switches to CE)")
+    if key == "ce" and num_classes == 1:
+        raise UserError("loss 'ce' needs at least 2 classes, but this model has 1 output channel; "
+                        "use 'bce' (or 'dice_bce')")
+    if key == "dice":
+        return DiceLoss()
+    if key == "bce":
+        return BCELoss()
+    if key == "ce":
+        return CELoss()
+    return DiceBCELoss()

@@ -1,0 +1,347 @@
+"""Evaluation metrics of the CE-Net experiments, vectorised (no per-pixel Python loops).
+
+* Vessel / binary segmentation (DRIVE): ``roc_curve``, ``roc_auc``, ``binary_metrics``.
+* Optic disc / lung / cell contour: ``overlap_error``.
+* ISBI 2012 EM membranes: ``rand_info_scores`` (V^Rand and V^Info).
+* Retinal OCT layers: ``boundary_positions``, ``boundary_mae``.
+* Per-image dicts to mean and std: ``summarize``.
+
+Threshold-free and count-based metrics work on torch tensors (CPU or CUDA) and accept
+NumPy arrays; the label-image metrics run in NumPy / scikit-image and accept either.
+"""
+import math
+
+import numpy as np
+import torch
+from skimage.measure import label as connected_components
+from skimage.morphology import thin as thin_to_one_pixel
+
+__all__ = [
+    "roc_curve", "roc_auc", "binary_metrics", "overlap_error", "rand_info_scores",
+    "boundary_positions", "boundary_mae", "summarize",
+]
+
+
+def _as_tensor(x):
+    return x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x))
+
+
+def _as_numpy(x):
+    if torch.is_tensor(x):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _ratio(numerator, denominator):
+    return numerator / denominator if denominator else math.nan
+
+
+# --- ROC ------------------------------------------------------------------------------------
+
+def roc_curve(scores, labels):
+    """Exact ROC curve of ``scores`` against boolean ``labels`` (both 1-D, same length).
+
+    Pixels are sorted by decreasing score; the curve has one point per distinct score t:
+
+        TPR(t) = #{positives with score >= t} / P,   FPR(t) = #{negatives with score >= t} / N,
+
+    preceded by (0, 0). Tied scores form one group and move the curve in one diagonal step,
+    so the last point is (1, 1). Returns float64 tensors (fpr, tpr) on the input's device;
+    they are NaN where P or N is zero.
+    """
+    scores, labels = _as_tensor(scores), _as_tensor(labels)
+    if scores.ndim != 1 or labels.ndim != 1 or scores.shape != labels.shape:
+        raise ValueError(f"scores and labels must be 1-D of equal length, got {tuple(scores.shape)} "
+                         f"and {tuple(labels.shape)}")
+    if scores.numel() == 0:
+        raise ValueError("roc_curve needs at least one score")
+    labels = labels.to(device=scores.device, dtype=torch.bool)
+    order = torch.argsort(scores, descending=True, stable=True)
+    sorted_scores = scores[order]
+    sorted_labels = labels[order]
+    true_positives = torch.cumsum(sorted_labels.long(), 0)
+    false_positives = torch.cumsum((~sorted_labels).long(), 0)
+    # A threshold admits the whole tie group at once, so only each group's last index counts.
+    group_ends = torch.nonzero(sorted_scores[1:] != sorted_scores[:-1]).flatten()
+    last = torch.tensor([scores.numel() - 1], device=scores.device)
+    group_ends = torch.cat([group_ends, last])
+    zero = torch.zeros(1, dtype=torch.float64, device=scores.device)
+    positives = true_positives[-1].double()
+    negatives = false_positives[-1].double()
+    tpr = torch.cat([zero, true_positives[group_ends].double() / positives])
+    fpr = torch.cat([zero, false_positives[group_ends].double() / negatives])
+    return fpr, tpr
+
+
+def roc_auc(scores, labels):
+    """Area under ``roc_curve(scores, labels)`` by the trapezoidal rule.
+
+    Because tie groups are joined by straight segments this equals the Mann-Whitney
+    statistic  AUC = P(score_pos > score_neg) + 1/2 * P(score_pos = score_neg).
+    Returns NaN when only one class is present.
+    """
+    fpr, tpr = roc_curve(scores, labels)
+    if torch.isnan(fpr[-1]) or torch.isnan(tpr[-1]):
+        return math.nan
+    return float(torch.trapezoid(tpr, fpr))
+
+
+# --- thresholded pixel metrics ------------------------------------------------------------
+
+def binary_metrics(prob, label, mask=None, threshold=0.5):
+    """AUC, accuracy, sensitivity, specificity and F1 of one probability map.
+
+    prob: (H, W) float probabilities; label: (H, W) bool ground truth; mask: optional (H, W)
+    bool, the pixels to evaluate (e.g. DRIVE's field of view). The prediction is
+    ``prob > threshold``; with TP, FP, TN, FN counted over the evaluated pixels,
+
+        Sen = TP / (TP + FN)        Spe = TN / (TN + FP)
+        Acc = (TP + TN) / (TP + FP + TN + FN)
+        F1  = 2 TP / (2 TP + FP + FN)
+
+    and AUC = ``roc_auc(prob, label)`` on the same pixels. An undefined ratio (zero
+    denominator) is NaN. Returns a dict of Python floats keyed "AUC", "Acc", "Sen", "Spe", "F1".
+    """
+    prob, label = _as_tensor(prob), _as_tensor(label)
+    if prob.shape != label.shape:
+        raise ValueError(f"prob and label must have the same shape, got {tuple(prob.shape)} "
+                         f"and {tuple(label.shape)}")
+    label = label.to(device=prob.device, dtype=torch.bool)
+    if mask is not None:
+        mask = _as_tensor(mask)
+        if mask.shape != prob.shape:
+            raise ValueError(f"mask must have the shape of prob {tuple(prob.shape)}, got {tuple(mask.shape)}")
+        mask = mask.to(device=prob.device, dtype=torch.bool)
+        prob, label = prob[mask], label[mask]
+    prob, label = prob.reshape(-1), label.reshape(-1)
+    if prob.numel() == 0:
+        raise ValueError("no pixels to evaluate (empty input or empty mask)")
+    predicted = prob > threshold
+    counts = torch.stack([
+        (predicted & label).sum(), (predicted & ~label).sum(),
+        (~predicted & ~label).sum(), (~predicted & label).sum(),
+    ])
+    tp, fp, tn, fn = counts.tolist()  # one device-to-host copy for all four
+    return {
+        "AUC": roc_auc(prob, label),
+        "Acc": _ratio(tp + tn, tp + fp + tn + fn),
+        "Sen": _ratio(tp, tp + fn),
+        "Spe": _ratio(tn, tn + fp),
+        "F1": _ratio(2 * tp, 2 * tp + fp + fn),
+    }
+
+
+# --- region overlap -----------------------------------------------------------------------
+
+def overlap_error(pred, gt):
+    """Overlap error of two binary masks:  E = 1 - |S ∩ G| / |S ∪ G|  (S = pred, G = gt).
+
+    Two empty masks agree perfectly: E = 0.
+    """
+    pred, gt = _as_numpy(pred).astype(bool), _as_numpy(gt).astype(bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred and gt must have the same shape, got {pred.shape} and {gt.shape}")
+    union = np.count_nonzero(pred | gt)
+    if union == 0:
+        return 0.0
+    return 1.0 - np.count_nonzero(pred & gt) / union
+
+
+# --- ISBI 2012 EM: V^Rand and V^Info ------------------------------------------------------
+
+def boundaries_to_segments(boundary):
+    """Label image of a boolean boundary map: 4-connected components of the non-boundary
+    pixels numbered 1, 2, ..., boundary pixels 0."""
+    return connected_components(~boundary, background=0, connectivity=1)
+
+
+def _entropy(counts, total):
+    p = counts / total
+    return float(-(p * np.log(p)).sum())
+
+
+def rand_info_scores(pred_boundary, gt_boundary, thin=True):
+    """Foreground-restricted Rand and information scores of the ISBI 2012 EM challenge
+    (Arganda-Carreras et al., Front. Neuroanat. 2015).
+
+    pred_boundary, gt_boundary: (H, W) bool membrane maps (True = boundary). With
+    ``thin=True`` both are first thinned to 1-pixel-wide curves (the challenge's border
+    thinning, ``skimage.morphology.thin``). Each map then becomes a segmentation: the
+    4-connected components of its non-boundary pixels, boundary = 0.
+
+    Only pixels inside a ground-truth segment (ground-truth label != 0) are scored; let n be
+    their number. A predicted boundary pixel among them belongs to no predicted segment; it
+    is counted as a segment of its own (a singleton), which penalises boundaries drawn
+    through cells without rewarding them. This is what the challenge's Fiji script does
+    (its extra sum(p_i0)/n and -sum(p_i0) log n terms are exactly the singletons' share).
+
+    With p_ij the fraction of the n pixels in predicted segment i and true segment j,
+    s_i = sum_j p_ij and t_j = sum_i p_ij:
+
+        V^Rand = 2 sum_ij p_ij^2 / (sum_i s_i^2 + sum_j t_j^2)
+        V^Info = 2 I(S; T) / (H(S) + H(T)),   I(S; T) = sum_ij p_ij log(p_ij / (s_i t_j))
+                                                      = H(S) + H(T) - H(S, T),
+        H(S) = -sum_i s_i log s_i,  H(T) = -sum_j t_j log t_j,  H(S, T) = -sum_ij p_ij log p_ij,
+
+    with V^Info = 1 when H(S) + H(T) = 0 (both one segment). Both lie in [0, 1], 1 = perfect.
+    Both are NaN when the ground truth has no non-boundary pixel. Returns
+    dict(VRand=..., VInfo=...).
+    """
+    pred_boundary = _as_numpy(pred_boundary).astype(bool)
+    gt_boundary = _as_numpy(gt_boundary).astype(bool)
+    if pred_boundary.ndim != 2 or pred_boundary.shape != gt_boundary.shape:
+        raise ValueError(f"boundary maps must be 2-D and of equal shape, got {pred_boundary.shape} "
+                         f"and {gt_boundary.shape}")
+    if thin:
+        pred_boundary = thin_to_one_pixel(pred_boundary)
+        gt_boundary = thin_to_one_pixel(gt_boundary)
+    pred_segments = boundaries_to_segments(pred_boundary)
+    gt_segments = boundaries_to_segments(gt_boundary)
+
+    inside = gt_segments != 0
+    n = int(np.count_nonzero(inside))
+    if n == 0:
+        return {"VRand": math.nan, "VInfo": math.nan}
+    pred_ids = pred_segments[inside].astype(np.int64)
+    true_ids = gt_segments[inside].astype(np.int64)
+    on_pred_boundary = pred_ids == 0
+    pred_ids[on_pred_boundary] = pred_ids.max() + 1 + np.arange(np.count_nonzero(on_pred_boundary))
+
+    # Sparse contingency table: the non-zero n_ij are the counts of distinct (i, j) pairs.
+    pair_keys = pred_ids * (int(true_ids.max()) + 1) + true_ids
+    _, joint = np.unique(pair_keys, return_counts=True)
+    _, pred_sizes = np.unique(pred_ids, return_counts=True)
+    _, true_sizes = np.unique(true_ids, return_counts=True)
+    joint, pred_sizes, true_sizes = (a.astype(np.float64) for a in (joint, pred_sizes, true_sizes))
+
+    # Counts instead of probabilities: the 1/n^2 factors cancel in V^Rand.
+    v_rand = 2.0 * (joint @ joint) / (pred_sizes @ pred_sizes + true_sizes @ true_sizes)
+
+    h_pred, h_true = _entropy(pred_sizes, n), _entropy(true_sizes, n)
+    h_joint = _entropy(joint, n)
+    if h_pred + h_true == 0.0:
+        v_info = 1.0
+    else:
+        # Rounding can push a zero mutual information a hair below 0.
+        mutual = max(h_pred + h_true - h_joint, 0.0)
+        v_info = 2.0 * mutual / (h_pred + h_true)
+    return {"VRand": float(v_rand), "VInfo": float(v_info)}
+
+
+# --- OCT layer boundaries -----------------------------------------------------------------
+
+def boundary_positions(labels, num_classes):
+    """Row of each layer boundary in each column of an OCT label map.
+
+    labels: (H, W) integers, classes 0..K-1 ordered top to bottom. Boundary b (b = 0..K-2)
+    in column c is the first row r with labels[r, c] >= b + 1, NaN where no such row
+    exists. Returns a float64 array (K - 1, W).
+    """
+    labels = _as_numpy(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be a 2-D (H, W) map, got shape {labels.shape}")
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes must be >= 2 for layer boundaries, got {num_classes}")
+    levels = np.arange(1, int(num_classes)).reshape(-1, 1, 1)
+    at_or_below = labels[np.newaxis] >= levels                      # (K-1, H, W)
+    rows = np.argmax(at_or_below, axis=1).astype(np.float64)        # first True per column
+    rows[~at_or_below.any(axis=1)] = np.nan
+    return rows
+
+
+def boundary_mae(pred_labels, gt_labels, num_classes):
+    """Mean absolute error, in pixels, of each OCT layer boundary's row:
+
+        MAE_b = mean over columns c of |r_pred(b, c) - r_gt(b, c)|,  b = 0..K-2,
+
+    with r from ``boundary_positions``. Columns where either map lacks boundary b are left
+    out; a boundary missing from every column gives NaN. Returns a float64 array (K - 1,).
+    """
+    pred_labels, gt_labels = _as_numpy(pred_labels), _as_numpy(gt_labels)
+    if pred_labels.shape != gt_labels.shape:
+        raise ValueError(f"pred_labels and gt_labels must have the same shape, got "
+                         f"{pred_labels.shape} and {gt_labels.shape}")
+    errors = np.abs(boundary_positions(pred_labels, num_classes) - boundary_positions(gt_labels, num_classes))
+    return _nanmean_rows(errors)
+
+
+def _nanmean_rows(values):
+    # np.nanmean warns on an all-NaN row; an absent boundary is expected, not alarming.
+    valid = ~np.isnan(values)
+    counts = valid.sum(axis=1)
+    totals = np.where(valid, values, 0.0).sum(axis=1)
+    return np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
+
+
+# --- aggregation ----------------------------------------------------------------------------
+
+def summarize(rows):
+    """Mean and population standard deviation of each metric over per-image dicts.
+
+        mean = (1/m) sum_k x_k,   std = sqrt((1/m) sum_k (x_k - mean)^2),
+
+    over the m images where the metric is not NaN (NaN in both if there is none). Keys
+    keep their first-seen order. Returns {name: {"mean": float, "std": float}}.
+    """
+    names = []
+    for row in rows:
+        names.extend(name for name in row if name not in names)
+    summary = {}
+    for name in names:
+        values = np.array([float(row[name]) for row in rows if name in row], dtype=np.float64)
+        values = values[~np.isnan(values)]
+        if values.size == 0:
+            summary[name] = {"mean": math.nan, "std": math.nan}
+        else:
+            summary[name] = {"mean": float(values.mean()), "std": float(values.std())}
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Per-task evaluation: what test.py reports for each kind of dataset (data.DatasetSpec.task)
+# --------------------------------------------------------------------------------------------
+
+def _as_device_tensor(array, device):
+    return torch.as_tensor(np.ascontiguousarray(array), device=device)
+
+
+def _thin_curve(fpr, tpr, points=2000):
+    """At most `points` ROC points for plotting; the exact curve can have one per distinct score."""
+    step = max(1, len(fpr) // points)
+    keep = torch.cat([torch.arange(0, len(fpr), step, device=fpr.device),
+                      torch.tensor([len(fpr) - 1], device=fpr.device)])
+    return fpr[keep].cpu().numpy(), tpr[keep].cpu().numpy()
+
+
+def evaluate_vessel(prob, sample, threshold):
+    """DRIVE-style scoring: AUC, Acc, Sen, Spe, F1 over the whole image and inside the FOV mask.
+
+    The FOV figures are the field's standard; whole-image figures count the easy black border
+    as true negatives and run higher. Returns the row and the inside-FOV ROC curve for plotting.
+    """
+    foreground = prob[0].float()
+    label = _as_device_tensor(sample.label > 0, foreground.device)
+    fov = (_as_device_tensor(sample.fov, foreground.device) if sample.fov is not None
+           else torch.ones_like(label))
+    row = {f"whole {key}": value for key, value in binary_metrics(foreground, label, None, threshold).items()}
+    row.update({f"FOV {key}": value for key, value in binary_metrics(foreground, label, fov, threshold).items()})
+    fpr, tpr = roc_curve(foreground[fov], label[fov])
+    return row, (*_thin_curve(fpr, tpr), row["FOV AUC"])
+
+
+TASKS = {
+    "vessel": evaluate_vessel,
+}
+
+TASK_NOTES = {
+    "vessel": "Metrics at the original resolution against the 1st annotator, probability threshold for "
+              "Acc/Sen/Spe/F1 as stated; 'whole' counts every pixel, 'FOV' only pixels inside the "
+              "field-of-view mask (the field's standard).",
+}
+
+
+def evaluate(task, prob, sample, threshold=0.5):
+    """Score one prediction: `prob` (K, H, W) probabilities at the sample's native size.
+
+    Returns (row of named floats, ROC curve (fpr, tpr, auc) or None)."""
+    return TASKS[task](prob, sample, threshold)

@@ -1,0 +1,165 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from cli import UserError
+
+
+def settings_for(root, **extra):
+    return {"DATASET": "drive", "DATA_ROOT": str(root), **extra}
+
+
+def test_drive_reader_real_files(drive_root):
+    train = data.load_split(settings_for(drive_root), "train")
+    test = data.load_split(settings_for(drive_root), "test")
+    assert len(train) == 20 and len(test) == 20
+    sample = test[0]
+    assert sample.name == "01"
+    assert sample.image.shape == (584, 565, 3) and sample.image.dtype == np.uint8
+    assert sample.label.shape == (584, 565) and set(np.unique(sample.label)) == {0, 1}
+    # Vessels cover roughly a tenth of a DRIVE image; the FOV mask about two thirds.
+    assert 0.05 < sample.label.mean() < 0.2
+    assert 0.5 < sample.fov.mean() < 0.8
+    assert train[0].fov is None
+
+
+def test_stack_resizes_and_keeps_labels_binary(small_drive):
+    samples = data.load_split(settings_for(small_drive), "train")
+    images, labels = data.stack_samples(samples, 96, num_classes=1)
+    assert images.shape == (2, 3, 96, 96) and images.dtype == torch.uint8
+    assert labels.shape == (2, 96, 96) and set(labels.unique().tolist()) == {0, 1}
+
+
+def test_multiclass_labels_resize_with_nearest():
+    label = np.zeros((64, 64), np.uint8)
+    label[16:, :] = 5
+    label[40:, :] = 10
+    resized = data.resize_label(label, 32, num_classes=11)
+    assert set(resized.unique().tolist()) == {0, 5, 10}
+    assert resized[7, 0] == 0 and resized[8, 0] == 5 and resized[20, 0] == 10
+
+
+@pytest.mark.parametrize("size", [0, 100, 450])
+def test_image_size_must_be_multiple_of_32(size):
+    with pytest.raises(UserError, match="multiple of 32"):
+        data.check_image_size(size)
+
+
+def test_dihedral_has_eight_distinct_invertible_variants():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    variants = [data.dihedral(x, k) for k in range(8)]
+    assert len({tuple(v.flatten().tolist()) for v in variants}) == 8
+    for k, view in enumerate(variants):
+        assert torch.equal(data.undo_dihedral(view, k), x)
+    # Bit 2 is the diagonal flip, bit 0 left-right: variant 5 = transpose then mirror.
+    assert torch.equal(variants[5], x.transpose(-1, -2).flip(-1))
+
+
+def test_affine_dihedral_matrices_match_tensor_flips():
+    """With scale 1 and no shift, the resampling augmentation reproduces each tensor flip exactly."""
+    x = torch.rand(1, 1, 8, 8)
+    for k in range(8):
+        theta = torch.cat([data.DIHEDRAL_MATRICES[k], torch.zeros(2, 1)], 1)[None]
+        grid = torch.nn.functional.affine_grid(theta, [1, 1, 8, 8], align_corners=False)
+        out = torch.nn.functional.grid_sample(x, grid, mode="nearest", align_corners=False)
+        assert any(torch.equal(out, data.dihedral(x, j)) for j in range(8)), k
+
+
+def test_hsv_round_trip_and_known_colours():
+    rgb = torch.rand(2, 3, 5, 7)
+    assert torch.allclose(data.hsv_to_rgb(data.rgb_to_hsv(rgb)), rgb, atol=1e-5)
+    pure = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.5, 0.5, 0.5]]).T.reshape(1, 3, 1, 4)
+    hsv = data.rgb_to_hsv(pure)[0, :, 0]
+    assert torch.allclose(hsv[0], torch.tensor([0.0, 1 / 3, 2 / 3, 0.0]), atol=1e-6)  # hue
+    assert torch.allclose(hsv[1], torch.tensor([1.0, 1.0, 1.0, 0.0]))                # saturation
+    assert torch.allclose(hsv[2], torch.tensor([1.0, 1.0, 1.0, 0.5]))                # value
+
+
+def test_augmentation_moves_label_with_image():
+    """A white square painted in the image and the label ends up at the same place after augmenting."""
+    images = torch.zeros(16, 3, 64, 64)
+    labels = torch.zeros(16, 64, 64, dtype=torch.uint8)
+    images[:, :, 10:20, 30:42] = 1.0
+    labels[:, 10:20, 30:42] = 1
+    generator = torch.Generator().manual_seed(3)
+    out_images, out_labels = data.augment(images, labels, generator, colour=False)
+    assert out_labels.dtype == torch.uint8 and set(out_labels.unique().tolist()) <= {0, 1}
+    moved_somewhere = False
+    for image, label in zip(out_images, out_labels):
+        painted = image.mean(0) > 0.5
+        overlap = (painted & (label == 1)).sum() / (painted | (label == 1)).sum()
+        assert overlap > 0.8
+        moved_somewhere |= not bool(label[10:20, 30:42].all())
+    assert moved_somewhere
+
+
+def test_augmentation_is_seeded_and_keeps_range(small_drive):
+    samples = data.load_split(settings_for(small_drive), "train")
+    images, labels = data.stack_samples(samples, 64, num_classes=1)
+    images = images.float() / 255
+    first = data.augment(images, labels, torch.Generator().manual_seed(7))
+    second = data.augment(images, labels, torch.Generator().manual_seed(7))
+    third = data.augment(images, labels, torch.Generator().manual_seed(8))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert not torch.equal(first[0], third[0])
+    assert 0 <= float(first[0].min()) and float(first[0].max()) <= 1
+    assert set(first[1].unique().tolist()) <= {0, 1}
+
+
+def test_multiclass_labels_survive_augmentation():
+    labels = torch.arange(11, dtype=torch.uint8).repeat_interleave(6)[:64].view(64, 1).expand(64, 64)[None]
+    labels = labels.repeat(4, 1, 1).contiguous()
+    _, out = data.augment(torch.rand(4, 3, 64, 64), labels, torch.Generator().manual_seed(0), colour=False)
+    assert set(out.unique().tolist()) <= set(range(11))
+
+
+def test_batch_stream_covers_every_image_each_epoch():
+    stream = data.BatchStream(num_items=5, batch_size=2, seed=0)
+    drawn = torch.cat([stream.next() for _ in range(5)]).tolist()  # 10 indices = 2 epochs
+    assert sorted(drawn[:5]) == [0, 1, 2, 3, 4] and sorted(drawn[5:]) == [0, 1, 2, 3, 4]
+    shards = [data.BatchStream(6, 3, seed=1, rank=r, world_size=2).next().tolist() for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(6))
+    assert data.steps_for(20, 8, 300) == 900
+
+
+# --- bad input: each one clear UserError naming the problem ---------------------------------
+
+def test_missing_root_names_source(tmp_path):
+    with pytest.raises(UserError, match="does not exist.*drive.grand-challenge"):
+        data.load_split(settings_for(tmp_path / "nowhere"), "train")
+
+
+def test_wrong_layout_names_missing_folder(tmp_path):
+    (tmp_path / "training" / "images").mkdir(parents=True)
+    with pytest.raises(UserError, match="1st_manual"):
+        data.load_split(settings_for(tmp_path), "train")
+
+
+def test_missing_label_names_file(small_drive, tmp_path):
+    import shutil
+    root = tmp_path / "d"
+    shutil.copytree(small_drive, root)
+    (root / "training" / "1st_manual" / "22_manual1.gif").unlink()
+    with pytest.raises(UserError, match="22_manual1.gif"):
+        data.load_split(settings_for(root), "train")
+
+
+def test_truncated_image(small_drive, tmp_path):
+    import shutil
+    root = tmp_path / "d"
+    shutil.copytree(small_drive, root)
+    path = root / "training" / "images" / "21_training.tif"
+    path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(UserError, match="cannot read image .*21_training.tif"):
+        data.load_split(settings_for(root), "train")
+
+
+def test_size_mismatch(small_drive, tmp_path):
+    import shutil
+    root = tmp_path / "d"
+    shutil.copytree(small_drive, root)
+    Image.new("L", (100, 100)).save(root / "training" / "1st_manual" / "21_manual1.gif")
+    with pytest.raises(UserError, match="size mismatch"):
+        data.load_split(settings_for(root), "train")
