@@ -44,7 +44,7 @@ class Sample:
 
 @dataclass
 class DatasetSpec:
-    reader: Callable                  # reader(root: Path, split: str, settings: dict) -> list[Sample]
+    reader: Callable                  # reader(root: Path, split: "train"|"test", settings) -> list[Sample]
     num_classes: int                  # model output channels: 1 = binary (sigmoid), K >= 2 softmax
     task: str                         # evaluation task, a key of metrics.TASKS
     source: str                       # where a user gets the data (printed when it is missing)
@@ -91,6 +91,7 @@ def read_drive(root, split, settings):
     `1st_manual/01_manual1.gif` and the field-of-view mask `mask/01_test_mask.gif`. The test split is
     scored against the first annotator, as in the paper.
     """
+    split = {"train": "training", "test": "test"}[split]
     folder = require_dir(Path(root) / split, f"DRIVE {split}")
     image_dir = require_dir(folder / "images", f"DRIVE {split} images")
     label_dir = require_dir(folder / "1st_manual", f"DRIVE {split} labels")
@@ -136,8 +137,7 @@ def load_split(settings, split):
     if not root.is_dir():
         raise UserError(f"dataset root {root} does not exist. Get {settings['DATASET']} from {spec.source}, "
                         f"unpack it there, or pass --data-root PATH")
-    folder_split = "training" if split == "train" and settings["DATASET"] == "drive" else split
-    samples = spec.reader(root, folder_split, settings)
+    samples = spec.reader(root, split, settings)
     if not samples:
         raise UserError(f"no {split} images found under {root}")
     return samples
