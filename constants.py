@@ -11,6 +11,7 @@ DATA_ROOT = "dataset/DRIVE"   # folder holding the dataset in its distributed la
 IMAGE_SIZE = 448              # train/test side in pixels (square); must be a multiple of 32
 FOLD = 0                      # cross-validation fold, for datasets evaluated by k-fold
 NUM_FOLDS = 5                 # number of folds for those datasets
+CROP_SIZE = 800               # optic disc (ORIGA, Messidor): side of the crop around the brightest point
 
 # --- model ------------------------------------------------------------------------------
 MODEL = "cenet"               # see networks.MODELS (cenet, backbone, backbone_dac, ..., unet)

@@ -36,7 +36,7 @@ def select_device(name):
     if name == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
-        if name == "auto":
+        if name in ("auto", "cuda"):  # under torchrun each process takes its own GPU
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device(name)
     if name == "auto":
@@ -56,14 +56,16 @@ def seed_everything(seed):
     np.random.seed(seed % 2**32)
 
 
-def distributed_context():
-    """(rank, world_size) from torchrun's environment, initialising the process group once."""
+def distributed_context(device=None):
+    """(rank, world_size) from torchrun's environment, initialising the process group once.
+
+    NCCL for processes on GPUs, gloo for CPU processes (also on a machine that has GPUs: --device cpu)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         return 0, 1
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        dist.init_process_group("nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
     return dist.get_rank(), world_size
 
 
@@ -236,20 +238,37 @@ def poly_lr(base_lr, step, total_steps, power):
 
 
 def maybe_compile(model, enabled):
+    """torch.compile(model) when enabled. Some failures show here, most only at the first call:
+    Trainer.step catches those and goes on eagerly (see Trainer.first_compiled_step)."""
     if not enabled:
         return model
     try:
         return torch.compile(model)
     except Exception as error:  # an unsupported platform raises here rather than at the first call
-        print(f"notice: torch.compile unavailable ({type(error).__name__}); running eagerly", file=sys.stderr)
+        compile_notice(error)
         return model
+
+
+def compile_notice(error):
+    first_line = (str(error).strip().splitlines() or [""])[0][:160]
+    print(f"notice: torch.compile unavailable ({type(error).__name__}: {first_line}); running eagerly",
+          file=sys.stderr)
+
+
+def to_device(tensor, device):
+    """Host -> device copy that does not stall the host: pinned (page-locked) memory and an asynchronous
+    copy on CUDA. A copy from ordinary memory makes PyTorch wait until the whole stream has drained."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class Trainer:
     """SGD with momentum and weight decay, poly LR, the paper's augmentation, on in-memory tensors.
 
     `images`/`labels` are uint8 tensors of the whole training set at the training size; they are
-    moved to the device once, so a step never waits for a loader.
+    moved to the device once, so a step never waits for a loader. A step never waits for the GPU either:
+    the loss comes back as a device tensor, and the caller decides when to read it.
     """
 
     def __init__(self, model, images, labels, settings, device, rank=0, world_size=1):
@@ -259,31 +278,85 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         self.num_classes = data.dataset_spec(settings["DATASET"]).num_classes
         self.format = memory_format(device, settings)
-        self.model = unwrap(model).to(device, memory_format=self.format)
-        self.images = images.to(device)
-        self.labels = labels.to(device)
+        self.model = unwrap(model)
+        if world_size > 1 and device.type == "cuda":
+            # Each GPU sees BATCH_SIZE / world_size images. Synchronised BatchNorm normalises over the
+            # whole global batch, as one GPU holding BATCH_SIZE images does, and keeps the running
+            # statistics equal on every GPU. (Gloo/CPU has no SyncBatchNorm: there each process
+            # normalises over its own share.)
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model = self.model.to(device, memory_format=self.format)
+        self.images = to_device(images, device)
+        self.labels = to_device(labels, device)
         self.criterion = losses.build_loss(settings["LOSS"], self.num_classes)
+        # On CUDA the fused kernel updates every parameter in a few launches instead of several per
+        # tensor; it is the same SGD (momentum, dampening 0, L2 weight decay), see tests/test_speed_paths.py.
+        # benchmark.py --sgd-kernel sets the private _SGD_KERNEL to compare the implementations.
+        kernel = settings.get("_SGD_KERNEL") or ("fused" if device.type == "cuda" else "loop")
+        implementation = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[kernel]
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=settings["LR"], momentum=settings["MOMENTUM"],
-                                         weight_decay=settings["WEIGHT_DECAY"])
+                                         weight_decay=settings["WEIGHT_DECAY"], **implementation)
         self.total_steps = data.steps_for(len(images), settings["BATCH_SIZE"], settings["EPOCHS"])
-        self.stream = data.BatchStream(len(images), settings["BATCH_SIZE"] // world_size, settings["SEED"],
-                                       rank, world_size)
-        self.generator = torch.Generator().manual_seed(settings["SEED"] * 1000 + rank)
+        self.plan = self.draw_plan(len(images), settings["BATCH_SIZE"] // world_size)
         self.step_count = 0
         wrapped = self.model
         if world_size > 1:
             ids = [device.index] if device.type == "cuda" else None
             wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
+        self.eager_forward = wrapped
         self.forward = maybe_compile(wrapped, settings["COMPILE"])
+        self.compile_pending = self.forward is not wrapped
+
+    def draw_plan(self, num_images, batch_size):
+        """The whole run's randomness, drawn on the CPU from the seed and uploaded once: which images
+        each step sees (this rank's shard) and their augmentation parameters. A step then only slices
+        device tensors, so it never stalls the host on a host-to-GPU copy, and a seed gives the same run
+        on every device."""
+        seed, steps = self.settings["SEED"], self.total_steps
+        stream = data.BatchStream(num_images, batch_size, seed, self.rank, self.world_size)
+        indices = torch.stack([stream.next() for _ in range(steps)])
+        generator = torch.Generator().manual_seed(seed * 1000 + self.rank)
+        theta, hsv = data.draw_augmentation(steps * batch_size, generator)
+        return {"indices": to_device(indices, self.device),
+                "theta": to_device(theta.view(steps, batch_size, 2, 3), self.device),
+                "hsv": to_device(hsv.view(steps, batch_size, 3), self.device)}
 
     def batch(self):
-        index = self.stream.next().to(self.device)
+        """This step's augmented, normalised batch, assembled on the device."""
+        step = self.step_count % self.total_steps
+        index = self.plan["indices"][step]
         images = self.images[index].float() / 255
         labels = self.labels[index]
         if self.settings["AUGMENT"]:
-            images, labels = data.augment(images, labels, self.generator)
+            images, labels = data.apply_augmentation(images, labels, self.plan["theta"][step],
+                                                     self.plan["hsv"][step])
         images = data.normalize(images).contiguous(memory_format=self.format)
         return images, labels.long()
+
+    def forward_backward(self, forward, images, labels):
+        with autocast(self.device, self.settings["AMP"]):
+            logits = forward(images)
+        loss = self.criterion(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+
+    def first_compiled_step(self, images, labels):
+        """torch.compile reports most failures (no compiler, unsupported operator) only when the compiled
+        model first runs, in its forward or its backward. Then: one notice, undo what the failed attempt
+        changed (BatchNorm running statistics; gradients are reset by forward_backward), and redo the same
+        batch eagerly, so the run is the one an eager run would have been."""
+        self.compile_pending = False
+        buffers = [buffer.detach().clone() for buffer in self.model.buffers()]
+        try:
+            return self.forward_backward(self.forward, images, labels)
+        except Exception as error:  # dynamo and inductor raise many unrelated types
+            compile_notice(error)
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), buffers):
+                    buffer.copy_(saved)
+            self.forward = self.eager_forward
+            return self.forward_backward(self.forward, images, labels)
 
     def step(self):
         """One optimisation step; returns the loss as a tensor (no host sync)."""
@@ -292,11 +365,10 @@ class Trainer:
             group["lr"] = lr
         images, labels = self.batch()
         self.model.train()
-        with autocast(self.device, self.settings["AMP"]):
-            logits = self.forward(images)
-        loss = self.criterion(logits.float(), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.compile_pending:
+            loss = self.first_compiled_step(images, labels)
+        else:
+            loss = self.forward_backward(self.forward, images, labels)
         self.optimizer.step()
         self.step_count += 1
         return loss.detach()
@@ -308,7 +380,8 @@ class Trainer:
     def sample_prediction(self):
         """First training image, its label and the current prediction, for a visual check."""
         image = self.images[:1].float() / 255
-        probs = predict(self.model, data.normalize(image), self.device, tta=False, amp=self.settings["AMP"])
+        probs = predict(self.model, data.normalize(image), self.device, tta=False, amp=self.settings["AMP"],
+                        fmt=self.format)
         return image[0].cpu(), self.labels[0].cpu(), probs[0].cpu()
 
 

@@ -9,7 +9,6 @@ Writes weights/<run>/final.pth (plus settings.json and train_log.csv) and never 
 import argparse
 import datetime
 import sys
-import time
 
 import cli
 import data
@@ -51,8 +50,8 @@ def prepare(settings, rank):
 
 
 def train(settings):
-    rank, world_size = framework.distributed_context()
     device = framework.select_device(settings["DEVICE"])
+    rank, world_size = framework.distributed_context(device)
     framework.configure_speed(device, settings)
     model, images, labels, pretrained_status = prepare(settings, rank)
     trainer = framework.Trainer(model, images, labels, settings, device, rank, world_size)
@@ -68,7 +67,7 @@ def train(settings):
               f"on {device}" + (f" x{world_size}" if world_size > 1 else ""))
 
     log_lines = ["step,loss,lr"]
-    start = time.perf_counter()
+    start = framework.timed()
     progress = progress_bar(trainer.total_steps, rank)
     sample_every = max(1, settings["LOG_EVERY"] * 10)
     for step in range(1, trainer.total_steps + 1):
@@ -83,7 +82,7 @@ def train(settings):
             visdom.sample(*trainer.sample_prediction())
         progress.update(1)
     progress.close()
-    seconds = time.perf_counter() - start
+    seconds = framework.timed() - start  # waits for the GPU, which may still be running the last steps
 
     if rank == 0:
         (run_dir / "train_log.csv").write_text("\n".join(log_lines) + "\n")

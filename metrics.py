@@ -1,7 +1,7 @@
 """Evaluation metrics of the CE-Net experiments, vectorised (no per-pixel Python loops).
 
 * Vessel / binary segmentation (DRIVE): ``roc_curve``, ``roc_auc``, ``binary_metrics``.
-* Optic disc / lung / cell contour: ``overlap_error``.
+* Optic disc / lung: ``overlap_error``, ``dice_coefficient``.
 * ISBI 2012 EM membranes: ``rand_info_scores`` (V^Rand and V^Info).
 * Retinal OCT layers: ``boundary_positions``, ``boundary_mae``.
 * Per-image dicts to mean and std: ``summarize``.
@@ -17,7 +17,7 @@ from skimage.measure import label as connected_components
 from skimage.morphology import thin as thin_to_one_pixel
 
 __all__ = [
-    "roc_curve", "roc_auc", "binary_metrics", "overlap_error", "rand_info_scores",
+    "roc_curve", "roc_auc", "binary_metrics", "overlap_error", "dice_coefficient", "rand_info_scores",
     "boundary_positions", "boundary_mae", "summarize",
 ]
 
@@ -145,6 +145,17 @@ def overlap_error(pred, gt):
     if union == 0:
         return 0.0
     return 1.0 - np.count_nonzero(pred & gt) / union
+
+
+def dice_coefficient(pred, gt):
+    """Dice = 2 |S ∩ G| / (|S| + |G|) of two binary masks; two empty masks agree perfectly: 1."""
+    pred, gt = _as_numpy(pred).astype(bool), _as_numpy(gt).astype(bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred and gt must have the same shape, got {pred.shape} and {gt.shape}")
+    total = np.count_nonzero(pred) + np.count_nonzero(gt)
+    if total == 0:
+        return 1.0
+    return 2.0 * np.count_nonzero(pred & gt) / total
 
 
 # --- ISBI 2012 EM: V^Rand and V^Info ------------------------------------------------------
@@ -329,14 +340,67 @@ def evaluate_vessel(prob, sample, threshold):
     return row, (*_thin_curve(fpr, tpr), row["FOV AUC"])
 
 
+def _foreground_mask(prob, threshold):
+    """Binary prediction of a one-channel probability map, as a NumPy bool array."""
+    return (prob[0] > threshold).cpu().numpy()
+
+
+def evaluate_disc(prob, sample, threshold):
+    """Optic disc (paper, Table I): overlap error E and Dice against the ground truth and, where the
+    dataset has several experts (RIM-ONE), E against each expert's own mask as well."""
+    predicted, truth = _foreground_mask(prob, threshold), sample.label > 0
+    row = {"E": overlap_error(predicted, truth), "Dice": dice_coefficient(predicted, truth)}
+    for number, expert in enumerate(sample.experts if sample.experts is not None else (), start=1):
+        row[f"E expert{number}"] = overlap_error(predicted, expert)
+    return row, None
+
+
+def evaluate_lung(prob, sample, threshold):
+    """Lung CT (paper, Table III): overlap error E, accuracy and sensitivity over the whole slice."""
+    predicted, truth = _foreground_mask(prob, threshold), sample.label > 0
+    counts = binary_metrics(prob[0].float(), _as_device_tensor(truth, prob.device), None, threshold)
+    return {"E": overlap_error(predicted, truth), "Acc": counts["Acc"], "Sen": counts["Sen"]}, None
+
+
+def evaluate_cell(prob, sample, threshold):
+    """EM cell contours (paper, Table IV): V^Rand and V^Info of the membrane map (probability above
+    the threshold) against the labelled membranes, both thinned as in the ISBI 2012 challenge."""
+    return rand_info_scores(_foreground_mask(prob, threshold), sample.label == 1), None
+
+
+def evaluate_oct(prob, sample, threshold):
+    """Retinal OCT layers (paper, Table V): mean absolute error in pixels of each of the K - 1 layer
+    boundaries of the predicted class map (argmax), and their mean. The threshold plays no part."""
+    predicted = prob.argmax(0).cpu().numpy()
+    errors = boundary_mae(predicted, sample.label, prob.shape[0])
+    row = {f"MAE b{number}": float(error) for number, error in enumerate(errors, start=1)}
+    row["MAE mean"] = float(_nanmean_rows(errors[None])[0])
+    return row, None
+
+
 TASKS = {
     "vessel": evaluate_vessel,
+    "disc": evaluate_disc,
+    "lung": evaluate_lung,
+    "cell": evaluate_cell,
+    "oct": evaluate_oct,
 }
 
 TASK_NOTES = {
     "vessel": "Metrics at the original resolution against the 1st annotator, probability threshold for "
               "Acc/Sen/Spe/F1 as stated; 'whole' counts every pixel, 'FOV' only pixels inside the "
               "field-of-view mask (the field's standard).",
+    "disc": "Optic disc (paper Table I): overlap error E = 1 - |S∩G|/|S∪G| and Dice of the thresholded "
+            "prediction on the evaluated image (the 800 x 800 disc crop for ORIGA and Messidor); for RIM-ONE "
+            "the ground truth is the experts' majority vote and 'E expertN' scores against expert N alone.",
+    "lung": "Lung CT (paper Table III): overlap error E, accuracy and sensitivity of the thresholded "
+            "prediction over every pixel of the slice at its original resolution.",
+    "cell": "EM cell contours (paper Table IV): foreground-restricted V^Rand and V^Info of the ISBI 2012 "
+            "challenge; predicted membrane = probability above the threshold, both membrane maps thinned "
+            "to one pixel, segments = 4-connected regions between membranes.",
+    "oct": "Retinal OCT layers (paper Table V): mean absolute error in pixels of the row of each layer "
+           "boundary per column, b1 = ILM (top) ... b10 = BM/choroid (bottom), from the argmax class map; "
+           "'MAE mean' averages the boundaries.",
 }
 
 

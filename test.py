@@ -9,8 +9,8 @@ whole image and inside the field-of-view mask) and writes to results/<run>/: pro
 masks and overlays as PNG, a ROC plot, metrics.json and metrics.md.
 """
 import argparse
+import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,6 +54,13 @@ def predict_split(model, samples, settings, device):
         height, width = sample.label.shape
         restored.append(F.interpolate(prob[None], size=(height, width), mode="bilinear", align_corners=False)[0])
     return restored
+
+
+def empty_predictions(samples, probs, threshold):
+    """Names of binary-task samples whose annotation has foreground but whose prediction has none: an
+    all-black mask should never pass unremarked."""
+    return [sample.name for sample, prob in zip(samples, probs)
+            if prob.shape[0] == 1 and sample.label.any() and not bool((prob[0] > threshold).any())]
 
 
 def class_map_picture(classes, num_classes):
@@ -109,7 +116,7 @@ def roc_plot(curves, path, title):
 
 
 def evaluate(checkpoint, settings, out_dir=None):
-    """Predict, score and save; returns (summary dict, output folder)."""
+    """Predict, score and save; returns (summary dict, output folder, seconds after the model is loaded)."""
     model, settings, payload = framework.model_from_checkpoint(checkpoint, settings)
     device = framework.select_device(settings["DEVICE"])
     framework.configure_speed(device, settings)
@@ -128,9 +135,15 @@ def evaluate(checkpoint, settings, out_dir=None):
         if curve is not None:
             curves[sample.name] = curve
     predict_seconds = framework.timed() - start
+    empty = empty_predictions(samples, probs, settings["THRESHOLD"])
+    if empty:
+        print(f"warning: {len(empty)} of {len(samples)} predicted masks have no foreground at threshold "
+              f"{settings['THRESHOLD']} ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}); the model is "
+              f"probably undertrained: train longer or check the learning rate", file=sys.stderr)
 
     names = [sample.name for sample in samples]
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    # PNG encoding releases the GIL, so every core can compress a file while this thread draws the next.
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
         for sample, prob in zip(samples, probs):
             probability, mask, overlay = pictures(sample, prob.float().cpu().numpy(), settings["THRESHOLD"])
             pool.submit(save_png, probability, out / f"{sample.name}_prob.png")
@@ -145,7 +158,7 @@ def evaluate(checkpoint, settings, out_dir=None):
         "image_size": settings["IMAGE_SIZE"], "tta": settings["TTA"], "threshold": settings["THRESHOLD"],
         "amp": settings["AMP"] and device.type == "cuda", "device": str(device),
         "pretrained": payload.get("pretrained", "unknown"), "train_steps": payload.get("step"),
-        "evaluation": metrics.TASK_NOTES[spec.task],
+        "evaluation": metrics.TASK_NOTES[spec.task], "empty_predictions": empty,
     }
     framework.write_json(out / "metrics.json", {
         "protocol": protocol, "summary": summary, "per_image": dict(zip(names, rows)),

@@ -175,3 +175,14 @@ def test_not_a_checkpoint(tmp_path):
 def test_missing_checkpoint(tmp_path):
     result = run_script("test.py", "--checkpoint", tmp_path / "none.pth")
     assert_one_line_error(result, "not found")
+
+
+def test_all_black_predictions_are_reported(trained, small_drive):
+    """No probability exceeds 1, so threshold 1.0 empties every mask: test.py must say so."""
+    work, checkpoint, _ = trained
+    out = work / "results_black"
+    result = run_script("test.py", "--checkpoint", checkpoint, "--data-root", small_drive, "--out", out,
+                        "--device", "cpu", "--threshold", "1.0")
+    assert result.returncode == 0, result.stderr
+    assert "warning: 2 of 2 predicted masks have no foreground at threshold 1.0 (01, 02)" in result.stderr
+    assert json.loads((out / "metrics.json").read_text())["protocol"]["empty_predictions"] == ["01", "02"]

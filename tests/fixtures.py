@@ -1,0 +1,194 @@
+"""Writers of small synthetic datasets in the layouts the real ones are distributed in.
+
+Each writer fills a folder the way the dataset's archive unpacks (docs/datasets.md) with a few tiny
+images whose content is easy to reason about: a bright optic disc on a dark fundus, lungs darker than
+the body in a CT slice, a membrane grid in EM, horizontal layer bands in OCT. Nothing here is real
+data and nothing is committed; the tests write it into their temporary folders.
+"""
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+
+def save(array, path):
+    """Write an array with PIL (format from the suffix), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def disc_mask(height, width, centre, radius):
+    rows, columns = np.mgrid[:height, :width]
+    return (rows - centre[0]) ** 2 + (columns - centre[1]) ** 2 < radius ** 2
+
+
+def fundus(height, width, centre, radius, seed):
+    """A dark red fundus with a pale optic disc of `radius` at `centre`; returns (image, disc mask)."""
+    generator = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), np.uint8)
+    field = disc_mask(height, width, (height / 2, width / 2), 0.48 * min(height, width))
+    image[field] = (110, 45, 20)
+    disc = disc_mask(height, width, centre, radius)
+    image[disc] = (245, 215, 150)
+    noise = generator.integers(0, 12, size=image.shape, dtype=np.uint8)
+    return np.where(field[..., None], image + noise, image).astype(np.uint8), disc
+
+
+def write_lines(path, lines):
+    Path(path).write_text("".join(f"{line}\n" for line in lines))
+
+
+# --- optic disc --------------------------------------------------------------------------------
+
+def write_origa(root, train=("001", "002"), test=("003", "004"), size=(96, 128)):
+    """ORIGA/images/<id>.jpg, ORIGA/masks/<id>.png with disc = 1 and cup = 2, Set_A.txt / Set_B.txt.
+    The lists mix ids with and without the .jpg suffix, as copies in circulation do."""
+    root = Path(root)
+    height, width = size
+    for index, name in enumerate((*train, *test)):
+        centre = (height // 2 + 5 * index - 8, width // 3 + 7 * index)
+        image, disc = fundus(height, width, centre, 12, seed=index)
+        save(image, root / "images" / f"{name}.jpg")
+        label = disc.astype(np.uint8)
+        label[disc_mask(height, width, centre, 6)] = 2
+        save(label, root / "masks" / f"{name}.png")
+    write_lines(root / "Set_A.txt", [f"{name}.jpg" if index % 2 else name for index, name in enumerate(train)])
+    write_lines(root / "Set_B.txt", [f"{name}.jpg" if index % 2 else name for index, name in enumerate(test)])
+    return root
+
+
+MESSIDOR_NAMES = ("20051019_38557_0100_PP", "20051020_43808_0100_PP", "20051020_44261_0100_PP",
+                  "20051020_44349_0100_PP", "20060522_45162_0100_PP")
+
+
+def write_messidor(root, names=MESSIDOR_NAMES, sizes=((96, 144), (112, 168), (120, 180)), lists=None):
+    """Messidor/images/Base11/<name>.tif (images keep the archive's Base folder) and
+    Messidor/masks/<name>.(png|tif|bmp) with the disc as 255, images of three sizes like the real
+    set's 1440x960, 2240x1488 and 2304x1536. `lists`: optional (train names, test names)."""
+    root = Path(root)
+    mask_suffixes = (".png", ".tif", ".bmp")
+    for index, name in enumerate(names):
+        height, width = sizes[index % len(sizes)]
+        image, disc = fundus(height, width, (height // 2, width - 30), 10, seed=10 + index)
+        save(image, root / "images" / "Base11" / f"{name}.tif")
+        save(disc.astype(np.uint8) * 255, root / "masks" / f"{name}{mask_suffixes[index % 3]}")
+    if lists is not None:
+        write_lines(root / "train.txt", lists[0])
+        write_lines(root / "test.txt", lists[1])
+    return root
+
+
+def write_rimone(root, groups=(("Normal", 3), ("Deep", 2)), experts=5, size=(72, 64)):
+    """RIM-ONE r1: <group>/Images/Im<NNN>.bmp for the first group and <group>/Im<NNN>.bmp (images
+    straight in the diagnosis folder) for the others, and <group>/Expert<N>_masks/Im<NNN>-exp<N>.bmp.
+    Expert N draws the disc with radius 14 + N - 3, so the majority vote is expert 3's disc."""
+    root = Path(root)
+    height, width = size
+    centre = (height // 2, width // 2)
+    for group_index, (group, count) in enumerate(groups):
+        image_dir = root / group / "Images" if group_index == 0 else root / group
+        for number in range(1, count + 1):
+            stem = f"Im{number:03d}"
+            image, _ = fundus(height, width, centre, 14, seed=100 * group_index + number)
+            save(image, image_dir / f"{stem}.bmp")
+            for expert in range(1, experts + 1):
+                mask = disc_mask(height, width, centre, 14 + expert - 3).astype(np.uint8) * 255
+                save(mask, root / group / f"Expert{expert}_masks" / f"{stem}-exp{expert}.bmp")
+    return root
+
+
+# --- lung CT ------------------------------------------------------------------------------------
+
+def lung_slice(size, shift):
+    """A 16-bit CT slice in Hounsfield units: air -1000 outside, body +40, two lungs at -850."""
+    rows, columns = np.mgrid[:size, :size]
+    slice_ = np.full((size, size), -1000, np.int16)
+    body = ((rows - size / 2) / (0.42 * size)) ** 2 + ((columns - size / 2) / (0.46 * size)) ** 2 < 1
+    slice_[body] = 40
+    lungs = np.zeros((size, size), bool)
+    for side in (-1, 1):
+        lungs |= ((rows - size / 2 - shift) / (0.28 * size)) ** 2 + \
+                 ((columns - size / 2 - side * 0.2 * size) / (0.14 * size)) ** 2 < 1
+    slice_[lungs] = -850
+    return slice_, lungs
+
+
+def write_lung(root, count=5, size=64):
+    """2d_images/ID_<nnnn>_Z_<zzzz>.tif (int16 HU) and 2d_masks/<same>.tif (uint8 0/255), as on Kaggle."""
+    root = Path(root)
+    for index in range(count):
+        name = f"ID_{index:04d}_Z_{140 + 3 * index:04d}"
+        slice_, lungs = lung_slice(size, shift=index - count // 2)
+        (root / "2d_images").mkdir(parents=True, exist_ok=True)
+        (root / "2d_masks").mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(root / "2d_images" / f"{name}.tif", slice_)
+        tifffile.imwrite(root / "2d_masks" / f"{name}.tif", lungs.astype(np.uint8) * 255)
+    return root
+
+
+# --- EM cell membranes ---------------------------------------------------------------------------
+
+def em_slice(size, index):
+    """A grey EM-like slice and its ISBI label: 255 inside cells, 0 on a membrane grid that drifts
+    by one pixel per slice (neighbouring slices of a stack look alike)."""
+    label = np.full((size, size), 255, np.uint8)
+    for line in range(index % 8, size, 16):
+        label[line:line + 2, :] = 0
+        label[:, line:line + 2] = 0
+    generator = np.random.default_rng(index)
+    image = np.where(label == 0, 60, 190).astype(np.int16) + generator.integers(-20, 20, (size, size))
+    return image.clip(0, 255).astype(np.uint8), label
+
+
+def write_isbi_volume(root, pages=10, label_pages=None, size=64):
+    """train-volume.tif and train-labels.tif, multi-page 8-bit TIFF stacks, as the challenge ships them."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    slices = [em_slice(size, index) for index in range(max(pages, label_pages or 0))]
+    tifffile.imwrite(root / "train-volume.tif", np.stack([image for image, _ in slices[:pages]]))
+    tifffile.imwrite(root / "train-labels.tif", np.stack([label for _, label in slices[:label_pages or pages]]))
+    return root
+
+
+def write_isbi_slices(root, count=10, size=64):
+    """The same slices one file each: images/slice<i>.png and labels/slice<i>.tif (unpadded numbers,
+    so natural order matters)."""
+    root = Path(root)
+    for index in range(count):
+        image, label = em_slice(size, index)
+        save(image, root / "images" / f"slice{index}.png")
+        save(label, root / "labels" / f"slice{index}.tif")
+    return root
+
+
+# --- retinal OCT layers ------------------------------------------------------------------------------
+
+def oct_bscan(height, width, seed, classes=11):
+    """A grey B-scan and its label map: `classes` horizontal bands (0 above the ILM ... 10 below the
+    BM) with gently sloping boundaries, each band a different grey."""
+    rows, columns = np.mgrid[:height, :width]
+    tops = 8 + np.arange(1, classes) * (height - 16) / classes          # boundary rows at column 0
+    slope = 0.05 * (seed % 3 - 1)
+    label = np.zeros((height, width), np.uint8)
+    for number, top in enumerate(tops, start=1):
+        label[rows >= top + slope * columns] = number
+    generator = np.random.default_rng(seed)
+    image = (40 + label.astype(np.int16) * 18 + generator.integers(-8, 8, (height, width))).clip(0, 255)
+    return image.astype(np.uint8), label
+
+
+def write_oct(root, train=("vol01_b064", "vol01_b128", "vol02_b064"), test=("vol03_b064", "vol03_b128"),
+              size=(64, 96), lists=True):
+    """OCT/images/<name>.png (grey B-scan), OCT/labels/<name>.png (0..10), train.txt / test.txt."""
+    root = Path(root)
+    for index, name in enumerate((*train, *test)):
+        image, label = oct_bscan(*size, seed=index)
+        save(image, root / "images" / f"{name}.png")
+        save(label, root / "labels" / f"{name}.png")
+    if lists:
+        write_lines(root / "train.txt", train)
+        write_lines(root / "test.txt", test)
+    return root

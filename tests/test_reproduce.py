@@ -1,0 +1,229 @@
+"""reproduce.py: the whole table at toy scale on 2+2 real DRIVE images, resuming, and its arithmetic."""
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import run_script
+
+# 2 recipes x (cenet with 2 seeds + backbone with 1) = 6 tiny CPU runs.
+TOY = ["--models", "cenet,backbone", "--recipes", "faithful,hires", "--seeds", "1", "--seeds-main", "2",
+       "--image-size", "64", "--batch-size", "2", "--epochs", "1", "--pretrained", "none", "--device", "cpu"]
+ROWS = {("faithful", "cenet"): 2, ("faithful", "backbone"): 1, ("hires", "cenet"): 2, ("hires", "backbone"): 1}
+METRIC_COLUMNS = [f"{group} {name}" for group in ("FOV", "whole") for name in ("AUC", "Acc", "Sen", "Spe", "F1")]
+
+
+@pytest.fixture(scope="module")
+def table(small_drive, tmp_path_factory):
+    """The toy table, written by one call and then asked for again (which must skip everything)."""
+    work = tmp_path_factory.mktemp("repro")
+    args = [*TOY, "--data-root", small_drive, "--weights-dir", work / "weights", "--out", work / "results"]
+    first = run_script("reproduce.py", *args)
+    assert first.returncode == 0, first.stderr
+    report_after_first = (work / "results" / "drive.json").read_text()
+    second = run_script("reproduce.py", *args)
+    assert second.returncode == 0, second.stderr
+    out = work / "results"
+    return {"work": work, "out": out, "first": first, "second": second, "first_json": report_after_first,
+            "json": json.loads((out / "drive.json").read_text()), "md": (out / "drive.md").read_text()}
+
+
+def markdown_rows(md):
+    """{(recipe, model): {column: cell}} from the main table of drive.md."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| recipe | model | seeds |"))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = dict(zip(header, (cell.strip() for cell in line.strip("|").split("|"))))
+        model = re.search(r"`(\w+)`", cells["model"]).group(1)
+        rows[(cells["recipe"], model)] = cells
+    return header, rows
+
+
+def by_hand(values):
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((value - mean) ** 2 for value in values) / (n - 1)) if n > 1 else None
+    return mean, std
+
+
+def test_one_row_per_recipe_and_model_with_all_columns(table):
+    report = table["json"]
+    assert {(row["recipe"], row["model"]): row["n"] for row in report["rows"]} == ROWS
+    assert len(report["runs"]) == 6
+    header, rows = markdown_rows(table["md"])
+    for column in ["seeds", *METRIC_COLUMNS, "paper AUC", "paper Acc", "paper Sen", "encoder"]:
+        assert column in header, column
+    assert set(rows) == set(ROWS)
+    for key, cells in rows.items():
+        assert cells["seeds"] == str(ROWS[key])
+        assert cells["encoder"] == "scratch"  # --pretrained none, said beside the numbers
+        for column in METRIC_COLUMNS:
+            assert 0.0 <= float(cells[column].split(" ± ")[0]) <= 1.0, (key, column)
+    for row in report["rows"]:
+        for column in METRIC_COLUMNS:
+            assert 0.0 <= row["metrics"][column]["mean"] <= 1.0
+
+
+def test_rows_are_mean_and_std_over_seeds_of_the_recorded_runs(table):
+    report, (_, md_rows) = table["json"], markdown_rows(table["md"])
+    for row in report["rows"]:
+        runs = [run for run in report["runs"] if (run["recipe"], run["model"]) == (row["recipe"], row["model"])]
+        assert sorted(run["seed"] for run in runs) == row["seeds"] == list(range(row["n"]))
+        for column in METRIC_COLUMNS:
+            mean, std = by_hand([run["metrics"][column] for run in runs])
+            assert row["metrics"][column]["mean"] == pytest.approx(mean, abs=1e-12)
+            cell = md_rows[(row["recipe"], row["model"])][column]
+            if std is None:
+                assert row["metrics"][column]["std"] is None and cell == f"{mean:.4f}"
+            else:
+                assert row["metrics"][column]["std"] == pytest.approx(std, abs=1e-12)
+                assert cell == f"{mean:.4f} ± {std:.4f}"
+
+
+def test_each_run_is_the_mean_over_test_images_of_test_py(table):
+    for run in table["json"]["runs"]:
+        assert run["run"] == f"repro_{run['recipe']}_{run['model']}_s{run['seed']}"
+        assert Path(run["checkpoint"]).is_file()
+        per_image = json.loads((Path(run["eval_dir"]) / "metrics.json").read_text())["per_image"]
+        assert set(per_image) == {"01", "02"} and run["images"] == 2
+        for column in METRIC_COLUMNS:
+            assert run["metrics"][column] == pytest.approx(sum(row[column] for row in per_image.values()) / 2)
+        assert run["steps"] == 1 and run["settings"]["IMAGE_SIZE"] == 64 and run["settings"]["EPOCHS"] == 1
+    # The command line beat the recipe: hires asked for 576 px and 1000 epochs, --image-size 64 --epochs 1 won.
+    assert table["json"]["recipes"]["hires"]["IMAGE_SIZE"] == 576
+
+
+def test_paper_numbers_sit_beside_cenet_and_nothing_is_invented(table):
+    _, rows = markdown_rows(table["md"])
+    for recipe in ("faithful", "hires"):
+        cenet, backbone = rows[(recipe, "cenet")], rows[(recipe, "backbone")]
+        assert (cenet["paper AUC"], cenet["paper Acc"], cenet["paper Sen"]) == ("0.9779", "0.9545", "0.8309")
+        assert (backbone["paper AUC"], backbone["paper Acc"], backbone["paper Sen"]) == ("n/a", "n/a", "n/a")
+    md = table["md"]
+    assert "Table II" in md and "Table VI" in md and "0.9819" in md and "0.9829" in md and "0.8607" in md
+
+
+def test_protocol_is_spelled_out(table):
+    md = table["md"]
+    for phrase in ("1st manual annotator", "Threshold", "Test-time augmentation", "train/test size (px)",
+                   "SGD", "Machine: CPU", "Wall time", "trained from scratch", "| steps | 1 | 1 |"):
+        assert phrase in md, phrase
+    assert re.search(r"Git commit: `([0-9a-f]{40}(\+dirty)?|unknown)`", md)
+    assert "python reproduce.py --models cenet,backbone --recipes faithful,hires" in md
+
+
+def test_second_call_skips_every_finished_run(table):
+    first, second = table["first"].stdout, table["second"].stdout
+    assert first.count("] run ") == 6 and "ETA" in first and "[6/6] done" in first
+    assert second.count("] skip ") == 6 and "] run " not in second
+    assert "0 to run" in second
+    assert json.loads(table["first_json"])["runs"] == table["json"]["runs"]
+    assert not list((table["work"] / "weights").glob("*-2"))  # nothing trained twice
+
+
+def test_best_cenet_figures_are_copied_and_linked(table):
+    report, out = table["json"], table["out"]
+    cenet_runs = [run for run in report["runs"] if run["model"] == "cenet"]
+    best = max(cenet_runs, key=lambda run: run["metrics"]["FOV AUC"])
+    figures = report["figures"]
+    assert figures["run"] == best["run"] and len(figures["files"]) == 3
+    assert figures["files"][0].endswith("_roc.png")
+    assert all(name.endswith("_overlay.png") for name in figures["files"][1:])
+    for name in figures["files"]:
+        assert (out / name).stat().st_size > 0
+        assert f"]({name})" in table["md"]
+
+
+def assert_one_line_error(result, pattern):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert pattern in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--models", "cenet,nope"], "unknown model 'nope'"),
+    (["--recipes", "faithful,fast"], "unknown recipe 'fast'"),
+    (["--model", "unet"], "--models"),
+    (["--seeds", "0"], "at least 1"),
+    (["--table", "stare"], "unknown table"),
+    (["--image-size", "100"], "multiple of 32"),
+])
+def test_bad_input_is_one_line(args, pattern, tmp_path):
+    assert_one_line_error(run_script("reproduce.py", "--dry-run", "--out", tmp_path, *args), pattern)
+
+
+def test_dry_run_plans_the_full_table_without_running(tmp_path):
+    result = run_script("reproduce.py", "--dry-run", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    # 2 recipes x (6 ablation models x 3 seeds + cenet and unet x 5 seeds)
+    assert "plan: 56 runs" in result.stdout and "H100 estimate" in result.stdout
+    assert result.stdout.count("faithful/cenet seed") == 5 and result.stdout.count("faithful/backbone_rmp seed") == 3
+    assert "hires/unet seed 4: 576px, 1000 epochs" in result.stdout
+    assert not list(tmp_path.iterdir())
+
+
+# --- in-process: the arithmetic and bookkeeping, on hand-made numbers ------------------------------------
+
+def record(recipe, model, seed, auc, acc, epochs=300):
+    metrics = {column: 0.5 for column in METRIC_COLUMNS}
+    metrics.update({"FOV AUC": auc, "FOV Acc": acc})
+    return {"recipe": recipe, "model": model, "seed": seed, "run": f"r{seed}", "metrics": metrics,
+            "pretrained": "encoder: random initialisation (ImageNet weights unavailable)", "steps": 900,
+            "wall_seconds": 10.0, "settings": {"EPOCHS": epochs}, "eval_dir": "/nonexistent"}
+
+
+def test_aggregate_by_hand():
+    import reproduce
+    records = [record("faithful", "cenet", 0, 0.97, 0.95), record("faithful", "cenet", 1, 0.98, 0.96),
+               record("faithful", "cenet", 2, 0.96, 0.94), record("faithful", "unet", 0, 0.90, 0.93),
+               record("hires", "cenet", 0, 0.99, 0.97)]
+    rows = {(row["recipe"], row["model"]): row for row in reproduce.aggregate(records)}
+    assert list(rows) == [("faithful", "cenet"), ("faithful", "unet"), ("hires", "cenet")]
+    cenet = rows[("faithful", "cenet")]
+    # mean (0.97 + 0.98 + 0.96) / 3 = 0.97; deviations 0, 0.01, -0.01 -> sqrt(0.0002 / 2) = 0.01
+    assert cenet["n"] == 3 and cenet["seeds"] == [0, 1, 2]
+    assert cenet["metrics"]["FOV AUC"]["mean"] == pytest.approx(0.97)
+    assert cenet["metrics"]["FOV AUC"]["std"] == pytest.approx(0.01)
+    assert cenet["metrics"]["FOV Acc"]["mean"] == pytest.approx(0.95)
+    assert cenet["metrics"]["FOV Acc"]["std"] == pytest.approx(0.01)
+    assert cenet["metrics"]["whole Sen"] == {"mean": 0.5, "std": 0.0}
+    assert cenet["encoder"] == "scratch" and cenet["wall_seconds"] == 30.0
+    single = rows[("faithful", "unet")]["metrics"]["FOV AUC"]
+    assert single == {"mean": pytest.approx(0.90), "std": None}  # one seed: no spread to claim
+    assert reproduce.cell(cenet["metrics"]["FOV AUC"]) == "0.9700 ± 0.0100"
+    assert reproduce.cell(single) == "0.9000"
+    assert reproduce.mean_std([None, 0.2, 0.4]) == {"mean": pytest.approx(0.3), "std": pytest.approx(math.sqrt(0.02))}
+
+
+def test_merge_replaces_a_seed_and_never_mixes_settings_in_a_row():
+    import reproduce
+    records = [record("faithful", "cenet", 0, 0.97, 0.95), record("faithful", "cenet", 1, 0.98, 0.96),
+               record("faithful", "unet", 0, 0.90, 0.93)]
+    merged, dropped = reproduce.merge(records, record("faithful", "cenet", 1, 0.99, 0.97))
+    assert [r["metrics"]["FOV AUC"] for r in merged if r["model"] == "cenet"] == [0.97, 0.99] and len(dropped) == 1
+    merged, dropped = reproduce.merge(merged, record("faithful", "cenet", 0, 0.5, 0.5, epochs=1))
+    assert [(r["model"], r["seed"]) for r in merged] == [("unet", 0), ("cenet", 0)]
+    assert len(dropped) == 2
+
+
+def test_command_line_beats_recipe_and_names_each_run():
+    import argparse
+
+    import cli
+    import reproduce
+    parser = cli.add_constant_flags(argparse.ArgumentParser())
+    base = cli.settings_from(parser.parse_args(["--image-size", "64"]))
+    hires = reproduce.run_settings(base, "hires", "unet", 3)
+    assert hires["IMAGE_SIZE"] == 64 and hires["EPOCHS"] == 1000 and hires["LOSS"] == "dice"
+    assert hires["RUN_NAME"] == "repro_hires_unet_s3" and hires["SEED"] == 3 and hires["MODEL"] == "unet"
+    plain = reproduce.run_settings(cli.settings_from(parser.parse_args([])), "hires", "cenet", 0)
+    assert plain["IMAGE_SIZE"] == 576 and plain["VISDOM"] is False
+    assert "MODEL" not in reproduce.experiment(plain) and "DEVICE" not in reproduce.experiment(plain)
+    assert reproduce.experiment(plain)["EPOCHS"] == 1000

@@ -1,0 +1,224 @@
+"""The fast paths compute what the plain path computes: memory layout, batched TTA, bf16, fused SGD,
+torch.compile's fallback, and the benchmark that measures them. No test here looks at a clock."""
+import pytest
+import torch
+
+import benchmark
+import cli
+import constants
+import framework
+import networks
+from conftest import run_script
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread while these tests run. On shared CI cores, OpenMP threads that outnumber the
+    free cores spin against each other and a CPU step gets many times slower; the comparisons below
+    run both paths under the same setting, so they do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cenet(seed=0):
+    torch.manual_seed(seed)
+    return networks.build_model("cenet").eval()
+
+
+def settings_with(**overrides):
+    settings = {name: getattr(constants, name) for name in cli.constant_names()}
+    settings.update(DEVICE="cpu", PRETRAINED="none", VISDOM=False, _OVERRIDDEN=[])
+    settings.update(overrides)
+    return settings
+
+
+# --- inference ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_channels_last_forward_matches_contiguous():
+    model, images = cenet(), torch.randn(2, 3, 32, 32)
+    plain = model(images)
+    last = model.to(memory_format=torch.channels_last)(images.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(last, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
+
+
+def test_tta_batched_over_images_equals_one_image_at_a_time():
+    model, images = cenet(), torch.randn(5, 3, 32, 32)  # 5: the last batch of 4 is a partial one
+    one = framework.predict(model, images, torch.device("cpu"), tta=True, images_per_batch=1)
+    four = framework.predict(model, images, torch.device("cpu"), tta=True, images_per_batch=4)
+    assert four.shape == (5, 1, 32, 32)
+    torch.testing.assert_close(four, one, rtol=1e-5, atol=1e-6)
+
+
+def symmetric_conv(symmetric):
+    """3x3 convolution whose kernel is (or is not) invariant under the 8 flips of the square: with zero
+    padding such a convolution commutes with every flip, so TTA must leave its prediction unchanged."""
+    import data
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(3, 1, 3, padding=1)
+    if symmetric:
+        with torch.no_grad():
+            conv.weight.copy_(torch.stack([data.dihedral(conv.weight, k) for k in range(8)]).mean(0))
+    return conv
+
+
+def test_tta_of_a_flip_equivariant_model_is_its_plain_prediction():
+    images, device = torch.randn(3, 3, 32, 32), torch.device("cpu")
+    model = symmetric_conv(symmetric=True)
+    plain = framework.predict(model, images, device, tta=False)
+    torch.testing.assert_close(framework.predict(model, images, device, tta=True), plain, rtol=0, atol=1e-6)
+    # The same check can fail: an ordinary kernel is not flip-equivariant, and TTA changes its output.
+    model = symmetric_conv(symmetric=False)
+    with_tta = framework.predict(model, images, device, tta=True)
+    assert (with_tta - framework.predict(model, images, device, tta=False)).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_bf16_autocast_forward_is_close_to_fp32():
+    model, images = cenet(), torch.randn(2, 3, 32, 32)
+    plain = model(images)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(images)
+    except RuntimeError as error:
+        pytest.skip(f"bf16 autocast does not run on this CPU: {error}")
+    assert low.dtype == torch.bfloat16
+    scale = plain.abs().max().item()
+    torch.testing.assert_close(low.float(), plain, rtol=0.05, atol=0.05 * scale)
+    assert (networks.probabilities(low.float()) - networks.probabilities(plain)).abs().max() < 0.01
+
+
+# --- training -----------------------------------------------------------------------------
+
+def test_fused_sgd_is_the_same_update_as_plain_sgd():
+    """Trainer uses fused=True on CUDA; on the CPU the same kernel must reproduce the per-tensor loop,
+    with momentum, weight decay and an LR that changes every step as the poly schedule does."""
+    torch.manual_seed(0)
+    shapes = [(16, 3, 3, 3), (16,), (1, 16, 1, 1)]
+    plain = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    fused = [torch.nn.Parameter(parameter.detach().clone()) for parameter in plain]
+    optimizers = [torch.optim.SGD(params, lr=4e-3, momentum=0.9, weight_decay=1e-4, fused=flag)
+                  for params, flag in ((plain, False), (fused, True))]
+    for step in range(4):
+        gradients = [torch.randn(shape) for shape in shapes]
+        for params, optimizer in zip((plain, fused), optimizers):
+            for parameter, gradient in zip(params, gradients):
+                parameter.grad = gradient.clone()
+            for group in optimizer.param_groups:
+                group["lr"] = framework.poly_lr(4e-3, step, 4, 0.9)
+            optimizer.step()
+    for a, b in zip(plain, fused):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+class FailInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward graph failed to compile")
+
+
+class BrokenCompiled:
+    """What torch.compile hands back on a machine where compilation fails later: a callable that raises
+    at its first call, in the forward or (after running the model) in the backward."""
+
+    def __init__(self, model, where):
+        self.model, self.where, self.calls = model, where, 0
+
+    def __call__(self, images):
+        self.calls += 1
+        if self.where == "forward":
+            raise RuntimeError("InductorError: no working C++ compiler")
+        return FailInBackward.apply(self.model(images))
+
+
+def tiny_training(steps=2):
+    """A few real Trainer steps of a small conv net with BatchNorm on synthetic 32 px images."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 1, 1))
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    labels = (torch.rand(4, 32, 32) > 0.7).to(torch.uint8)
+    return model, images, labels
+
+
+@pytest.mark.parametrize("where", ["at torch.compile", "forward", "backward"])
+def test_failed_compile_falls_back_to_the_eager_run(where, monkeypatch, capsys):
+    settings = settings_with(BATCH_SIZE=2, EPOCHS=2, COMPILE=False)
+    model, images, labels = tiny_training()
+    eager = framework.Trainer(model, images, labels, settings, torch.device("cpu"))
+    eager_losses = [eager.step().item() for _ in range(2)]
+
+    broken = []
+
+    def fake_compile(model, **options):
+        if where == "at torch.compile":
+            raise RuntimeError("torch.compile is not supported on this platform")
+        broken.append(BrokenCompiled(model, where))
+        return broken[-1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model, images, labels = tiny_training()
+    trainer = framework.Trainer(model, images, labels, {**settings, "COMPILE": True}, torch.device("cpu"))
+    losses = [trainer.step().item() for _ in range(2)]
+
+    notices = [line for line in capsys.readouterr().err.splitlines() if "torch.compile unavailable" in line]
+    assert len(notices) == 1 and "running eagerly" in notices[0]
+    assert trainer.forward is trainer.eager_forward
+    assert [compiled.calls for compiled in broken] == ([] if where == "at torch.compile" else [1])
+    # Same losses and bit-identical weights and BatchNorm statistics as a run that never tried to compile.
+    assert losses == eager_losses
+    for (name, value), expected in zip(trainer.model.state_dict().items(), eager.model.state_dict().values()):
+        assert torch.equal(value, expected), name
+
+
+# --- the benchmark ------------------------------------------------------------------------
+
+def figures_in(output):
+    """The `| figure | value |` rows of benchmark.py's table."""
+    rows = {}
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0] not in ("figure", "---"):
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_benchmark_runs_and_prints_its_figures(small_drive):
+    result = run_script("benchmark.py", "--device", "cpu", "--image-size", "64", "--batch-size", "2",
+                        "--steps", "2", "--warmup", "1", "--data-root", small_drive,
+                        env={"OMP_NUM_THREADS": "1"})  # see one_thread
+    assert result.returncode == 0, result.stderr
+    figures = figures_in(result.stdout)
+    assert figures["peak GPU memory, training (GiB)"] == "n/a"
+    numbers = {name: float(value) for name, value in figures.items() if value != "n/a"}
+    for name in ("train throughput (img/s)", "train step (ms)", "inference throughput, no TTA (img/s)",
+                 "evaluate 2 test images with 8-way TTA, all outputs, after model load (s)",
+                 "evaluate, including model load and reading the images (s)"):
+        assert numbers[name] > 0, name
+    projected = [name for name in numbers if name.startswith("projected main.py run, 300 steps")]
+    assert projected and numbers[projected[0]] > 0  # 300 epochs of ceil(2 images / batch 2) steps
+    assert "fp32, NCHW, eager, batch 2" in result.stdout
+
+
+@pytest.mark.parametrize("flags", [["--steps", "0"], ["--warmup", "-1"], ["--compare-batches", "8"],
+                                   ["--compare-batches", "0,32"]])
+def test_benchmark_bad_flags_are_user_errors(flags):
+    with pytest.raises(cli.UserError):
+        benchmark.parse_args(flags)
+
+
+def test_compare_rows_keep_only_what_differs_on_the_device():
+    settings = settings_with()
+    batches = {"small": 8, "large": 32}
+    on_gpu = benchmark.compare_configurations(settings, batches, torch.device("cuda", 0), 1)
+    assert [benchmark.describe(row, torch.device("cuda", 0), 1) for _, row in on_gpu] == [
+        "fp32, NCHW, eager, batch 8", "bf16, channels_last, eager, batch 32", "bf16, channels_last, compiled, batch 32"]
+    on_cpu = benchmark.compare_configurations(settings, {"small": 8, "large": 8}, torch.device("cpu"), 1)
+    assert [benchmark.describe(row, torch.device("cpu"), 1) for _, row in on_cpu] == [
+        "fp32, NCHW, eager, batch 8", "fp32, NCHW, compiled, batch 8"]

@@ -1,0 +1,335 @@
+"""The paper's other tasks: optic disc (ORIGA, Messidor, RIM-ONE r1), lung CT, ISBI 2012 EM cell
+contours and retinal OCT layers. Each reader runs on a synthetic copy in its dataset's real layout
+(tests/fixtures.py), each task's evaluator on hand-computed cases, and every dataset goes through
+the real main.py -> test.py round trip picked by --dataset alone."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import constants
+import data
+import fixtures
+import metrics
+from cli import UserError
+from conftest import TINY, run_script
+
+
+def settings_for(dataset, root, **extra):
+    settings = {name: getattr(constants, name) for name in dir(constants) if name.isupper()}
+    return {**settings, "DATASET": dataset, "DATA_ROOT": str(root), **extra}
+
+
+def load(dataset, root, split, **extra):
+    return data.load_split(settings_for(dataset, root, **extra), split)
+
+
+def assert_one_line_error(result, pattern):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert pattern in lines[0], lines[0]
+
+
+# --- end to end: one flag switches reader, class count and metrics -----------------------------------
+
+UNIT_RANGE = (0.0, 1.0)
+END_TO_END = {
+    # dataset: (fixture writer, {metric: allowed range}). An OCT boundary that an untrained model does
+    # not draw at all is NaN by definition, so NaN passes for the OCT keys only.
+    "origa": (fixtures.write_origa, {"E": UNIT_RANGE, "Dice": UNIT_RANGE}),
+    "messidor": (fixtures.write_messidor, {"E": UNIT_RANGE, "Dice": UNIT_RANGE}),
+    "rimone": (fixtures.write_rimone, {"E": UNIT_RANGE, "Dice": UNIT_RANGE,
+                                       **{f"E expert{n}": UNIT_RANGE for n in range(1, 6)}}),
+    "lung": (fixtures.write_lung, {"E": UNIT_RANGE, "Acc": UNIT_RANGE, "Sen": UNIT_RANGE}),
+    "isbi2012": (lambda root: fixtures.write_isbi_volume(root, pages=5),
+                 {"VRand": UNIT_RANGE, "VInfo": UNIT_RANGE}),
+    "oct": (fixtures.write_oct, {**{f"MAE b{n}": (0.0, 64.0) for n in range(1, 11)}, "MAE mean": (0.0, 64.0)}),
+}
+
+
+@pytest.mark.parametrize("dataset", list(END_TO_END))
+def test_train_and_evaluate_each_dataset(dataset, tmp_path):
+    writer, ranges = END_TO_END[dataset]
+    root = writer(tmp_path / dataset)
+    trained = run_script("main.py", "--dataset", dataset, "--data-root", root, "--run-name", dataset,
+                         "--weights-dir", tmp_path / "weights", *TINY, "--epochs", "1")
+    assert trained.returncode == 0, trained.stderr
+    checkpoint = tmp_path / "weights" / dataset / "final.pth"
+    payload = torch.load(checkpoint, weights_only=True)
+    assert payload["dataset"] == dataset and payload["num_classes"] == data.DATASETS[dataset].num_classes
+
+    # No --dataset or --data-root here: test.py takes both from the checkpoint.
+    out = tmp_path / "results"
+    evaluated = run_script("test.py", "--checkpoint", checkpoint, "--out", out, "--device", "cpu")
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads((out / "metrics.json").read_text())
+    expected_names = {sample.name for sample in load(dataset, root, "test")}
+    assert set(report["per_image"]) == expected_names
+    assert list(report["summary"]) == list(ranges)
+    assert report["protocol"]["evaluation"] == metrics.TASK_NOTES[data.DATASETS[dataset].task]
+    for key, (low, high) in ranges.items():
+        mean = report["summary"][key]["mean"]
+        if dataset == "oct" and math.isnan(mean):
+            continue
+        assert low <= mean <= high, (key, mean)
+    for name in expected_names:
+        assert (out / f"{name}_overlay.png").stat().st_size > 0
+    assert not (out / "roc.png").exists()  # these tasks report no ROC curve
+
+
+# --- bad input: one clear line, exit code 2 ----------------------------------------------------------
+
+def test_split_list_naming_a_missing_image(tmp_path):
+    root = fixtures.write_origa(tmp_path / "ORIGA")
+    with open(root / "Set_A.txt", "a") as handle:
+        handle.write("099.jpg\n")
+    result = run_script("main.py", "--dataset", "origa", "--data-root", root, *TINY)
+    assert_one_line_error(result, "Set_A.txt names '099'")
+
+
+def test_class_index_beyond_the_class_count(tmp_path):
+    root = fixtures.write_oct(tmp_path / "OCT")
+    label = np.zeros((64, 96), np.uint8)
+    label[40:] = 12
+    fixtures.save(label, root / "labels" / "vol01_b128.png")
+    result = run_script("main.py", "--dataset", "oct", "--data-root", root, *TINY)
+    assert_one_line_error(result, "vol01_b128.png has value 12 but dataset oct has 11 classes")
+
+
+def test_volume_and_labels_with_different_page_counts(tmp_path):
+    root = fixtures.write_isbi_volume(tmp_path / "ISBI", pages=6, label_pages=5)
+    result = run_script("main.py", "--dataset", "isbi2012", "--data-root", root, *TINY)
+    assert_one_line_error(result, "has 6 pages but")
+
+
+# --- optic disc crop -----------------------------------------------------------------------------
+
+def test_crop_centres_on_the_bright_blob_not_a_hot_pixel():
+    image = np.full((200, 300, 3), 20, np.uint8)
+    image[fixtures.disc_mask(200, 300, (120, 90), 12)] = 200
+    image[30, 250] = 255                       # one hot pixel, brighter than the blob
+    label = fixtures.disc_mask(200, 300, (120, 90), 12).astype(np.uint8)
+    crop, crop_label = data.crop_around_brightest(image, label, size=64)
+    assert crop.shape == (64, 64, 3) and crop_label.shape == (64, 64)
+    rows, columns = np.nonzero(crop_label)
+    assert abs(rows.mean() - 32) <= 1 and abs(columns.mean() - 32) <= 1
+    assert crop_label.sum() == label.sum()     # the whole disc is inside the window
+
+
+def test_crop_window_stays_inside_the_image():
+    image = np.zeros((200, 300, 3), np.uint8)
+    image[fixtures.disc_mask(200, 300, (195, 295), 8)] = 250
+    label = np.zeros((200, 300), np.uint8)
+    label[136:, 236:] = 1                      # exactly the bottom-right 64 x 64 window
+    crop, crop_label = data.crop_around_brightest(image, label, size=64)
+    assert crop_label.all()
+    assert np.array_equal(crop, image[136:, 236:])
+
+
+def test_crop_pads_a_small_image_with_black():
+    image = np.full((40, 50, 3), 90, np.uint8)
+    label = np.ones((40, 50), np.uint8)
+    crop, crop_label = data.crop_around_brightest(image, label, size=64)
+    assert crop.shape == (64, 64, 3)
+    assert (crop[:40, :50] == 90).all() and crop[40:].max() == 0 and crop[:, 50:].max() == 0
+    assert crop_label.sum() == 40 * 50
+
+
+def test_disc_datasets_crop_to_the_crop_size(tmp_path):
+    root = fixtures.write_origa(tmp_path / "ORIGA")
+    sample = load("origa", root, "train", CROP_SIZE=64)[0]
+    assert sample.image.shape == (64, 64, 3)
+    rows, columns = np.nonzero(sample.label)
+    assert abs(rows.mean() - 32) <= 2 and abs(columns.mean() - 32) <= 2
+    assert load("origa", root, "train")[0].image.shape == (800, 800, 3)  # the paper's default
+
+
+# --- readers ---------------------------------------------------------------------------------------
+
+def test_origa_split_lists_with_and_without_suffix(tmp_path):
+    root = fixtures.write_origa(tmp_path / "ORIGA")
+    (root / "Set_B.txt").write_text("# test set\nimages/003.jpg\n\n004   glaucoma\n")
+    assert [sample.name for sample in load("origa", root, "train")] == ["001", "002"]
+    assert [sample.name for sample in load("origa", root, "test")] == ["003", "004"]
+
+
+def test_origa_cup_value_counts_as_disc(tmp_path):
+    root = fixtures.write_origa(tmp_path / "ORIGA")
+    raw = data.read_class_map(root / "masks" / "001.png")
+    assert set(np.unique(raw)) == {0, 1, 2}
+    label = data.read_binary_label(root / "masks" / "001.png")
+    assert set(np.unique(label)) == {0, 1} and label.sum() == (raw > 0).sum()
+
+
+def test_origa_without_split_list(tmp_path):
+    root = fixtures.write_origa(tmp_path / "ORIGA")
+    (root / "Set_B.txt").unlink()
+    with pytest.raises(UserError, match="Set_B.txt not found"):
+        load("origa", root, "test")
+
+
+def test_binary_masks_stored_as_255_or_1_read_the_same(tmp_path):
+    disc = fixtures.disc_mask(20, 30, (10, 12), 6)
+    ones = data.read_binary_label(fixtures.save(disc.astype(np.uint8), tmp_path / "ones.png"))
+    full = data.read_binary_label(fixtures.save(disc.astype(np.uint8) * 255, tmp_path / "full.bmp"))
+    assert np.array_equal(ones, full) and np.array_equal(ones, disc.astype(np.uint8))
+
+
+def test_messidor_kfold_covers_every_image_once(tmp_path):
+    root = fixtures.write_messidor(tmp_path / "Messidor")
+    seen = []
+    for fold in range(5):
+        train = {sample.name for sample in load("messidor", root, "train", FOLD=fold, CROP_SIZE=64)}
+        test = {sample.name for sample in load("messidor", root, "test", FOLD=fold, CROP_SIZE=64)}
+        assert len(test) == 1 and not train & test and train | test == set(fixtures.MESSIDOR_NAMES)
+        seen.extend(test)
+    assert sorted(seen) == sorted(fixtures.MESSIDOR_NAMES)
+
+
+def test_messidor_split_lists_win_over_kfold(tmp_path):
+    names = fixtures.MESSIDOR_NAMES
+    root = fixtures.write_messidor(tmp_path / "Messidor", lists=(names[:3], [f"{names[4]}.tif"]))
+    assert [sample.name for sample in load("messidor", root, "test", CROP_SIZE=64)] == [names[4]]
+    (root / "test.txt").unlink()
+    with pytest.raises(UserError, match="give both split lists, or neither"):
+        load("messidor", root, "train", CROP_SIZE=64)
+
+
+def test_messidor_missing_mask_names_the_file(tmp_path):
+    root = fixtures.write_messidor(tmp_path / "Messidor")
+    next((root / "masks").glob(f"{fixtures.MESSIDOR_NAMES[0]}.*")).unlink()
+    with pytest.raises(UserError, match=f"annotation for image .*{fixtures.MESSIDOR_NAMES[0]}.tif missing"):
+        [load("messidor", root, split, CROP_SIZE=64) for split in ("train", "test")]
+
+
+def test_kfold_split_is_fixed_by_its_own_seed_and_stratified():
+    names = [f"n{index}" for index in range(10)] + [f"d{index}" for index in range(5)]
+    groups = {name: name[0] for name in names}
+    settings = {"FOLD": 2, "NUM_FOLDS": 5, "SEED": 0}
+    test = data.fold_names(names, "test", settings, groups=groups)
+    assert test == data.fold_names(names, "test", {**settings, "SEED": 7}, groups=groups)
+    assert sorted(name[0] for name in test) == ["d", "n", "n"]   # 1 of 5 "d" and 2 of 10 "n"
+    train = data.fold_names(names, "train", settings, groups=groups)
+    assert sorted(train + test, key=data.natural_key) == sorted(names, key=data.natural_key)
+
+
+@pytest.mark.parametrize("fold, folds, message", [(5, 5, "outside 0..4"), (0, 1, "at least 2"),
+                                                  (0, 20, "cannot be split into 20 folds")])
+def test_bad_fold_settings(fold, folds, message):
+    with pytest.raises(UserError, match=message):
+        data.fold_names(["a", "b", "c"], "test", {"FOLD": fold, "NUM_FOLDS": folds})
+
+
+def test_rimone_majority_vote_and_expert_masks(tmp_path):
+    root = fixtures.write_rimone(tmp_path / "RIM-ONE")
+    samples = load("rimone", root, "train") + load("rimone", root, "test")
+    assert sorted(sample.name for sample in samples) == ["Deep_Im001", "Deep_Im002", "Normal_Im001",
+                                                         "Normal_Im002", "Normal_Im003"]
+    sample = samples[0]
+    assert sample.experts.shape == (5, 72, 64) and sample.experts.dtype == bool
+    # Expert radii are 12..16 around one centre, so 3 of 5 agree exactly on expert 3's disc.
+    assert np.array_equal(sample.label, sample.experts[2].astype(np.uint8))
+
+
+def test_rimone_missing_expert_mask(tmp_path):
+    root = fixtures.write_rimone(tmp_path / "RIM-ONE")
+    (root / "Deep" / "Expert4_masks" / "Im002-exp4.bmp").unlink()
+    with pytest.raises(UserError, match="Im002-exp4.bmp missing for image"):
+        load("rimone", root, "train")
+
+
+def test_lung_16_bit_slices_are_windowed_to_8_bit(tmp_path):
+    root = fixtures.write_lung(tmp_path / "lung")
+    sample = load("lung", root, "test")[0]
+    grey, lungs = sample.image[..., 0], sample.label.astype(bool)
+    assert sample.image.dtype == np.uint8 and (sample.image[..., 1] == grey).all()
+    assert grey.min() == 0 and grey.max() == 255
+    # -1000 HU air -> 0, +40 HU body -> 255, so -850 HU lungs land near 150/1040 of the range.
+    assert abs(grey[lungs].mean() - 255 * 150 / 1040) < 2
+    assert set(np.unique(sample.label)) == {0, 1}       # 0/255 mask -> classes 0/1
+
+
+def test_isbi_slice_files_read_like_the_volume(tmp_path):
+    volume = load("isbi2012", fixtures.write_isbi_volume(tmp_path / "v", pages=10), "test", FOLD=4)
+    slices = load("isbi2012", fixtures.write_isbi_slices(tmp_path / "s", count=10), "test", FOLD=4)
+    # Contiguous folds in natural order: fold 4 of 5 is slices 8 and 9 (slice8, slice9 - not slice1).
+    assert [sample.name for sample in volume] == ["slice08", "slice09"]
+    assert [sample.name for sample in slices] == ["slice8", "slice9"]
+    for a, b in zip(volume, slices):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label)
+    assert set(np.unique(volume[0].label)) == {0, 1} and volume[0].label.mean() < 0.5  # membrane = 1
+
+
+def test_isbi_without_either_layout(tmp_path):
+    with pytest.raises(UserError, match="neither .*train-volume.tif nor"):
+        load("isbi2012", tmp_path, "train")
+
+
+def test_oct_kfold_without_lists(tmp_path):
+    root = fixtures.write_oct(tmp_path / "OCT", lists=False)
+    test = load("oct", root, "test")
+    assert len(test) == 1 and test[0].label.max() == 10 and test[0].image.shape == (64, 96, 3)
+
+
+# --- task evaluators -----------------------------------------------------------------------------
+
+def probability_of(mask):
+    return torch.from_numpy(np.where(mask, 0.9, 0.1).astype(np.float32))[None]
+
+
+def two_rectangles():
+    pred = np.zeros((8, 8), bool)
+    pred[0:4, 0:4] = True                       # 16 pixels
+    gt = np.zeros((8, 8), bool)
+    gt[2:6, 0:4] = True                         # 16 pixels, 8 shared, union 24
+    return pred, gt
+
+
+def test_disc_evaluator_on_two_rectangles():
+    pred, gt = two_rectangles()
+    experts = np.stack([gt, pred])
+    sample = data.Sample("r", np.zeros((8, 8, 3), np.uint8), gt.astype(np.uint8), experts=experts)
+    row, curve = metrics.evaluate("disc", probability_of(pred), sample, 0.5)
+    assert curve is None and list(row) == ["E", "Dice", "E expert1", "E expert2"]
+    assert row["E"] == pytest.approx(1 - 8 / 24) and row["Dice"] == pytest.approx(16 / 32)
+    assert row["E expert1"] == pytest.approx(1 - 8 / 24) and row["E expert2"] == 0.0
+
+
+def test_lung_evaluator_hand_case():
+    pred, gt = two_rectangles()
+    sample = data.Sample("r", np.zeros((8, 8, 3), np.uint8), gt.astype(np.uint8))
+    row, curve = metrics.evaluate("lung", probability_of(pred), sample, 0.5)
+    assert curve is None and list(row) == ["E", "Acc", "Sen"]
+    # TP 8, FP 8, FN 8, TN 40 of 64 pixels.
+    assert row["E"] == pytest.approx(2 / 3) and row["Acc"] == pytest.approx(48 / 64) and row["Sen"] == 0.5
+
+
+def test_cell_evaluator_uses_membrane_class_and_threshold():
+    membrane = np.zeros((9, 9), bool)
+    membrane[4, :] = membrane[:, 4] = True      # a cross: four cells
+    sample = data.Sample("c", np.zeros((9, 9, 3), np.uint8), membrane.astype(np.uint8))
+    row, _ = metrics.evaluate("cell", probability_of(membrane), sample, 0.5)
+    assert row == {"VRand": 1.0, "VInfo": 1.0}
+    merged, _ = metrics.evaluate("cell", probability_of(membrane), sample, 0.95)  # nothing above 0.95
+    assert merged["VRand"] < 1.0 and merged["VInfo"] == 0.0
+
+
+def test_oct_evaluator_staircase():
+    label = np.zeros((6, 4), np.uint8)
+    label[2:] = 1
+    label[4:] = 2                               # boundary 1 at row 2, boundary 2 at row 4
+    predicted = label.copy()
+    predicted[2, :2] = 0                        # boundary 1 one row lower in two columns
+    prob = torch.nn.functional.one_hot(torch.from_numpy(predicted).long(), 3).permute(2, 0, 1).float()
+    sample = data.Sample("o", np.zeros((6, 4, 3), np.uint8), label)
+    row, curve = metrics.evaluate("oct", prob, sample, 0.5)
+    assert curve is None and list(row) == ["MAE b1", "MAE b2", "MAE mean"]
+    assert row["MAE b1"] == pytest.approx(0.5) and row["MAE b2"] == 0.0 and row["MAE mean"] == pytest.approx(0.25)
+
+
+def test_every_dataset_task_has_an_evaluator_and_a_note():
+    for name, spec in data.DATASETS.items():
+        assert spec.task in metrics.TASKS and spec.task in metrics.TASK_NOTES, name
