@@ -108,16 +108,7 @@ def unwrap(model):
 
 def clean_state_dict(state_dict):
     """Strip wrapper prefixes ('module.', '_orig_mod.', in any order) from every key."""
-    cleaned = {}
-    for key, value in state_dict.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        cleaned[key] = value
-    return cleaned
+    return {networks.strip_prefixes(key, WRAPPER_PREFIXES): value for key, value in state_dict.items()}
 
 
 def checkpoint_settings(settings):

@@ -87,11 +87,13 @@ def _short_reason(error):
     return reason if len(reason) <= 120 else reason[:117] + "..."
 
 
-def _strip_prefixes(key):
+def strip_prefixes(key, prefixes):
+    """`key` without any of `prefixes` at its start, in any order and repetition
+    ('module._orig_mod.encoder.conv1.weight' -> 'conv1.weight' with all three)."""
     stripped = True
     while stripped:
         stripped = False
-        for prefix in _KEY_PREFIXES:
+        for prefix in prefixes:
             if key.startswith(prefix):
                 key = key[len(prefix):]
                 stripped = True
@@ -112,7 +114,7 @@ def _unwrap(state, label):
     for key, value in state.items():
         if not isinstance(key, str) or not torch.is_tensor(value):
             continue
-        key = _strip_prefixes(key)
+        key = strip_prefixes(key, _KEY_PREFIXES)
         if not key.startswith("fc."):
             cleaned[key] = value
     return cleaned
