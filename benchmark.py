@@ -52,7 +52,7 @@ def parse_args(argv=None):
                         help="batch sizes of the --compare rows: the paper's, and the fast one (default 8,32)")
     parser.add_argument("--no-eval", action="store_true", help="skip the test.evaluate timing")
     parser.add_argument("--sgd-kernel", choices=("fused", "foreach", "loop"), default=None,
-                        help="SGD implementation (default: what main.py uses, fused on CUDA, loop on the CPU)")
+                        help="SGD implementation (default: what main.py uses, foreach on CUDA, loop on the CPU)")
     cli.add_constant_flags(parser)
     args = parser.parse_args(argv)
     settings = cli.settings_from(args)
@@ -202,7 +202,7 @@ def run(args, settings):
     framework.configure_speed(device, settings)
     cpu = f"CPU, {torch.get_num_threads()} thread(s)"
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
-    kernel = settings["_SGD_KERNEL"] or ("fused" if device.type == "cuda" else "loop")
+    kernel = framework.sgd_kernel(settings, device)
     header = (f"{settings['MODEL']} on {settings['DATASET']} at {settings['IMAGE_SIZE']} px, {machine}, "
               f"torch {torch.__version__}, SGD {kernel}, {args.steps} timed steps after {args.warmup} warm-up")
 

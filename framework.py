@@ -254,6 +254,10 @@ def to_device(tensor, device):
     return tensor.to(device)
 
 
+def sgd_kernel(settings, device):
+    return settings.get("_SGD_KERNEL") or ("foreach" if device.type == "cuda" else "loop")
+
+
 class Trainer:
     """SGD with momentum and weight decay, poly LR, the paper's augmentation, on in-memory tensors.
 
@@ -280,10 +284,10 @@ class Trainer:
         self.images = to_device(images, device)
         self.labels = to_device(labels, device)
         self.criterion = losses.build_loss(settings["LOSS"], self.num_classes)
-        # On CUDA the fused kernel updates every parameter in a few launches instead of several per
-        # tensor; it is the same SGD (momentum, dampening 0, L2 weight decay), see tests/test_speed_paths.py.
-        # benchmark.py --sgd-kernel sets the private _SGD_KERNEL to compare the implementations.
-        kernel = settings.get("_SGD_KERNEL") or ("fused" if device.type == "cuda" else "loop")
+        # The same SGD (momentum, dampening 0, L2 weight decay) in any implementation; tests check they
+        # agree. The default is PyTorch's multi-tensor (foreach) path on CUDA and the per-tensor loop on the
+        # CPU; benchmark.py --sgd-kernel fused|foreach|loop sets the private _SGD_KERNEL to compare them.
+        kernel = sgd_kernel(settings, device)
         implementation = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[kernel]
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=settings["LR"], momentum=settings["MOMENTUM"],
                                          weight_decay=settings["WEIGHT_DECAY"], **implementation)

@@ -93,7 +93,7 @@ def test_bf16_autocast_forward_is_close_to_fp32():
 # --- training -----------------------------------------------------------------------------
 
 def test_fused_sgd_is_the_same_update_as_plain_sgd():
-    """Trainer uses fused=True on CUDA; on the CPU the same kernel must reproduce the per-tensor loop,
+    """benchmark.py --sgd-kernel fused offers the fused kernel on CUDA; on the CPU it must reproduce the per-tensor loop,
     with momentum, weight decay and an LR that changes every step as the poly schedule does."""
     torch.manual_seed(0)
     shapes = [(16, 3, 3, 3), (16,), (1, 16, 1, 1)]
