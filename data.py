@@ -581,8 +581,8 @@ def load_split(settings, split):
     spec = dataset_spec(settings["DATASET"])
     root = Path(settings["DATA_ROOT"])
     if not root.is_dir():
-        raise UserError(f"dataset root {root} does not exist. Get {settings['DATASET']} from {spec.source}, "
-                        f"unpack it there, or pass --data-root PATH")
+        raise UserError(f"dataset root {root} does not exist. Download it from {spec.source} and unpack it "
+                        f"there, or pass --data-root PATH")
     samples = spec.reader(root, split, settings)
     if not samples:
         raise UserError(f"no {split} images found under {root}")

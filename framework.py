@@ -9,6 +9,7 @@
 import contextlib
 import json
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -142,6 +143,9 @@ def read_checkpoint(path):
         raise UserError(f"checkpoint {path} not found")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (not written by torch.save, or it holds "
+                        f"Python objects other than tensors and plain data)")
     except Exception as error:  # torch raises several unrelated types for a bad file
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
                         f"{str(error).splitlines()[0][:120]})")
