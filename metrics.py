@@ -80,7 +80,11 @@ def roc_auc(scores, labels):
     statistic  AUC = P(score_pos > score_neg) + 1/2 * P(score_pos = score_neg).
     Returns NaN when only one class is present.
     """
-    fpr, tpr = roc_curve(scores, labels)
+    return area_under(*roc_curve(scores, labels))
+
+
+def area_under(fpr, tpr):
+    """Trapezoidal area under a ROC curve from `roc_curve`; NaN when it is undefined."""
     if torch.isnan(fpr[-1]) or torch.isnan(tpr[-1]):
         return math.nan
     return float(torch.trapezoid(tpr, fpr))
@@ -89,6 +93,11 @@ def roc_auc(scores, labels):
 # --- thresholded pixel metrics ------------------------------------------------------------
 
 def binary_metrics(prob, label, mask=None, threshold=0.5):
+    """`binary_metrics_and_roc` without the curve."""
+    return binary_metrics_and_roc(prob, label, mask, threshold)[0]
+
+
+def binary_metrics_and_roc(prob, label, mask=None, threshold=0.5):
     """AUC, accuracy, sensitivity, specificity and F1 of one probability map.
 
     prob: (H, W) float probabilities; label: (H, W) bool ground truth; mask: optional (H, W)
@@ -100,7 +109,8 @@ def binary_metrics(prob, label, mask=None, threshold=0.5):
         F1  = 2 TP / (2 TP + FP + FN)
 
     and AUC = ``roc_auc(prob, label)`` on the same pixels. An undefined ratio (zero
-    denominator) is NaN. Returns a dict of Python floats keyed "AUC", "Acc", "Sen", "Spe", "F1".
+    denominator) is NaN. Returns a dict of Python floats keyed "AUC", "Acc", "Sen", "Spe", "F1",
+    and the ROC curve (fpr, tpr) it was computed from (one sort of the pixels serves both).
     """
     prob, label = _as_tensor(prob), _as_tensor(label)
     if prob.shape != label.shape:
@@ -122,13 +132,14 @@ def binary_metrics(prob, label, mask=None, threshold=0.5):
         (~predicted & ~label).sum(), (~predicted & label).sum(),
     ])
     tp, fp, tn, fn = counts.tolist()  # one device-to-host copy for all four
+    fpr, tpr = roc_curve(prob, label)
     return {
-        "AUC": roc_auc(prob, label),
+        "AUC": area_under(fpr, tpr),
         "Acc": _ratio(tp + tn, tp + fp + tn + fn),
         "Sen": _ratio(tp, tp + fn),
         "Spe": _ratio(tn, tn + fp),
         "F1": _ratio(2 * tp, 2 * tp + fp + fn),
-    }
+    }, (fpr, tpr)
 
 
 # --- region overlap -----------------------------------------------------------------------
@@ -335,8 +346,8 @@ def evaluate_vessel(prob, sample, threshold):
     fov = (_as_device_tensor(sample.fov, foreground.device) if sample.fov is not None
            else torch.ones_like(label))
     row = {f"whole {key}": value for key, value in binary_metrics(foreground, label, None, threshold).items()}
-    row.update({f"FOV {key}": value for key, value in binary_metrics(foreground, label, fov, threshold).items()})
-    fpr, tpr = roc_curve(foreground[fov], label[fov])
+    inside, (fpr, tpr) = binary_metrics_and_roc(foreground, label, fov, threshold)
+    row.update({f"FOV {key}": value for key, value in inside.items()})
     return row, (*_thin_curve(fpr, tpr), row["FOV AUC"])
 
 
