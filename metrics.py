@@ -98,7 +98,17 @@ def binary_metrics(prob, label, mask=None, threshold=0.5):
 
 
 def binary_metrics_and_roc(prob, label, mask=None, threshold=0.5):
-    """AUC, accuracy, sensitivity, specificity and F1 of one probability map.
+    """AUC and the thresholded metrics of `threshold_metrics` on the same pixels, with the ROC curve
+    (fpr, tpr) the AUC was computed from (one sort of the pixels serves both). AUC =
+    ``roc_auc(prob, label)`` over the evaluated pixels. Returns a dict of Python floats keyed "AUC",
+    "Acc", "Sen", "Spe", "F1", and (fpr, tpr)."""
+    prob, label = _evaluated_pixels(prob, label, mask)
+    fpr, tpr = roc_curve(prob, label)
+    return {"AUC": area_under(fpr, tpr), **_counted_metrics(prob, label, threshold)}, (fpr, tpr)
+
+
+def threshold_metrics(prob, label, mask=None, threshold=0.5):
+    """Accuracy, sensitivity, specificity and F1 of one probability map (no AUC, so no sort).
 
     prob: (H, W) float probabilities; label: (H, W) bool ground truth; mask: optional (H, W)
     bool, the pixels to evaluate (e.g. DRIVE's field of view). The prediction is
@@ -108,10 +118,13 @@ def binary_metrics_and_roc(prob, label, mask=None, threshold=0.5):
         Acc = (TP + TN) / (TP + FP + TN + FN)
         F1  = 2 TP / (2 TP + FP + FN)
 
-    and AUC = ``roc_auc(prob, label)`` on the same pixels. An undefined ratio (zero
-    denominator) is NaN. Returns a dict of Python floats keyed "AUC", "Acc", "Sen", "Spe", "F1",
-    and the ROC curve (fpr, tpr) it was computed from (one sort of the pixels serves both).
+    An undefined ratio (zero denominator) is NaN. Returns Python floats keyed "Acc", "Sen", "Spe", "F1".
     """
+    return _counted_metrics(*_evaluated_pixels(prob, label, mask), threshold)
+
+
+def _evaluated_pixels(prob, label, mask):
+    """Flat (prob, bool label) of the pixels to evaluate, on prob's device, shapes checked."""
     prob, label = _as_tensor(prob), _as_tensor(label)
     if prob.shape != label.shape:
         raise ValueError(f"prob and label must have the same shape, got {tuple(prob.shape)} "
@@ -126,20 +139,22 @@ def binary_metrics_and_roc(prob, label, mask=None, threshold=0.5):
     prob, label = prob.reshape(-1), label.reshape(-1)
     if prob.numel() == 0:
         raise ValueError("no pixels to evaluate (empty input or empty mask)")
+    return prob, label
+
+
+def _counted_metrics(prob, label, threshold):
     predicted = prob > threshold
     counts = torch.stack([
         (predicted & label).sum(), (predicted & ~label).sum(),
         (~predicted & ~label).sum(), (~predicted & label).sum(),
     ])
     tp, fp, tn, fn = counts.tolist()  # one device-to-host copy for all four
-    fpr, tpr = roc_curve(prob, label)
     return {
-        "AUC": area_under(fpr, tpr),
         "Acc": _ratio(tp + tn, tp + fp + tn + fn),
         "Sen": _ratio(tp, tp + fn),
         "Spe": _ratio(tn, tn + fp),
         "F1": _ratio(2 * tp, 2 * tp + fp + fn),
-    }, (fpr, tpr)
+    }
 
 
 # --- region overlap -----------------------------------------------------------------------
@@ -369,7 +384,7 @@ def evaluate_disc(prob, sample, threshold):
 def evaluate_lung(prob, sample, threshold):
     """Lung CT (paper, Table III): overlap error E, accuracy and sensitivity over the whole slice."""
     predicted, truth = _foreground_mask(prob, threshold), sample.label > 0
-    counts = binary_metrics(prob[0].float(), _as_device_tensor(truth, prob.device), None, threshold)
+    counts = threshold_metrics(prob[0].float(), _as_device_tensor(truth, prob.device), None, threshold)
     return {"E": overlap_error(predicted, truth), "Acc": counts["Acc"], "Sen": counts["Sen"]}, None
 
 
