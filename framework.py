@@ -70,6 +70,17 @@ def distributed_context(device=None):
     return dist.get_rank(), world_size
 
 
+def close_distributed(finished=True):
+    """Leave the process group. After a run that finished on every rank, meet at a barrier first:
+    a rank that tears its connections down while a peer is still in the last collective can make
+    gloo abort that peer. After an error no barrier (the failed peer would never arrive)."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def configure_speed(device, settings):
     """cudnn autotuning and TF32 on CUDA: free speed for fixed-size inputs."""
     if device.type == "cuda":

@@ -103,9 +103,9 @@ def main(argv=None):
     settings = parse_settings(argv)
     try:
         train(settings)
+        framework.close_distributed()
     finally:
-        if framework.dist.is_initialized():
-            framework.dist.destroy_process_group()
+        framework.close_distributed(finished=False)  # a no-op when the run already closed it
 
 
 if __name__ == "__main__":

@@ -104,9 +104,9 @@ def worker(report, argv):
         dist.all_gather_object(everyone, mine)
         if dist.get_rank() == 0:
             Path(report).write_text(json.dumps(everyone))
+        framework.close_distributed()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        framework.close_distributed(finished=False)
 
 
 if __name__ == "__main__":
