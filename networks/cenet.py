@@ -92,7 +92,10 @@ def _pool_to_at_least_one_cell(x, size):
 
 class RMPBlock(nn.Module):
     """Residual Multi-kernel Pooling (paper Fig. 4): four max-pool scales, one shared 1x1 conv to
-    a single channel each, upsampled and concatenated with the input (C -> C + 4)."""
+    a single channel each, upsampled and concatenated with the input (C -> C + 4).
+
+    The four pooled maps come first and the input last, as in the authors' released model: the
+    decoder's first 1x1 conv sees channels in this order, so their weights only fit this order."""
 
     def __init__(self, channels=512, pool_sizes=RMP_POOL_SIZES):
         super().__init__()
@@ -106,11 +109,11 @@ class RMPBlock(nn.Module):
 
     def forward(self, x):
         size = x.shape[-2:]
-        maps = [x]
+        maps = []
         for pool in self.pool_sizes:
             pooled = self.conv(_pool_to_at_least_one_cell(x, pool))
             maps.append(F.interpolate(pooled, size=size, mode="bilinear", align_corners=False))
-        return torch.cat(maps, dim=1)
+        return torch.cat(maps + [x], dim=1)
 
 
 def _conv_relu(in_channels, out_channels, kernel_size):

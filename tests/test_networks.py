@@ -68,13 +68,16 @@ def test_encoder_strides_and_context_shapes(cenet):
         assert cenet.context(e4).shape == (2, 516, 2, 3)
 
 
-def test_rmp_at_paper_size_keeps_the_input_and_adds_four_maps():
+def test_rmp_puts_the_four_pooled_maps_first_and_the_input_last():
     block = RMPBlock(512).eval()
     x = torch.randn(1, 512, 14, 14)
     with torch.no_grad():
         out = block(x)
+        pooled = block.conv(torch.nn.functional.max_pool2d(x, 2, 2))
+        first = torch.nn.functional.interpolate(pooled, size=(14, 14), mode="bilinear", align_corners=False)
     assert out.shape == (1, 516, 14, 14)
-    assert torch.equal(out[:, :512], x)
+    assert torch.equal(out[:, 4:], x)
+    assert torch.allclose(out[:, :1], first)
 
 
 def test_dac_starts_with_zero_biases_and_keeps_the_identity():
