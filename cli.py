@@ -3,6 +3,7 @@ import argparse
 import sys
 
 import constants
+import recipes
 
 
 class UserError(Exception):
@@ -34,11 +35,18 @@ def add_constant_flags(parser):
 
 
 def settings_from(args):
-    """Constants as a plain dict, with the command-line overrides applied."""
+    """Constants as a plain dict: constants.py, then the named RECIPE's overrides, then the command line."""
     settings = {name: getattr(constants, name) for name in constant_names()}
     overridden = {name for name in settings if getattr(args, name, None) is not None}
     for name in overridden:
         settings[name] = getattr(args, name)
+    recipe = settings["RECIPE"]
+    if recipe:
+        if recipe not in recipes.RECIPES:
+            raise UserError(f"unknown recipe {recipe!r}; choose one of: {', '.join(recipes.RECIPES)}")
+        for name, value in recipes.RECIPES[recipe].items():
+            if name not in overridden:
+                settings[name] = value
     settings["_OVERRIDDEN"] = sorted(overridden)
     return settings
 

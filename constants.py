@@ -9,6 +9,9 @@ Defaults follow the CE-Net paper (Gu et al., IEEE TMI 2019) on DRIVE.
 DATASET = "drive"             # which reader / metrics / class count: see data.DATASETS
 DATA_ROOT = "dataset/DRIVE"   # folder holding the dataset in its distributed layout
 IMAGE_SIZE = 448              # train/test side in pixels (square); must be a multiple of 32
+PATCH_SIZE = 0                # 0: whole images resized to IMAGE_SIZE (the paper). N > 0: train on random
+                              # N x N crops at native resolution and test on the whole native image,
+                              # zero-padded to a multiple of 32 (IMAGE_SIZE then plays no part)
 FOLD = 0                      # cross-validation fold, for datasets evaluated by k-fold
 NUM_FOLDS = 5                 # number of folds for those datasets
 CROP_SIZE = 800               # optic disc (ORIGA, Messidor): side of the crop around the brightest point
@@ -18,13 +21,16 @@ MODEL = "cenet"               # see networks.MODELS (cenet, backbone, backbone_d
 PRETRAINED = "imagenet"       # "imagenet" (torchvision), "none", or a path to a ResNet-34 .pth
 
 # --- optimisation (paper: SGD, momentum 0.9, wd 1e-4, batch 8, poly LR from 4e-3) --------
+RECIPE = ""                   # a named set of overrides from recipes.py ("cpu", "hires", ...); flags still win
 LOSS = "dice"                 # dice (Eq. 2), bce, ce, dice_bce
+OPTIMIZER = "sgd"             # sgd (the paper, with MOMENTUM) or adamw (decoupled WEIGHT_DECAY)
 BATCH_SIZE = 8                # global batch, split evenly over torchrun processes
 EPOCHS = 300                  # one epoch = ceil(train images / BATCH_SIZE) steps
 LR = 4e-3
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
 POLY_POWER = 0.9              # lr = LR * (1 - step / total_steps) ** POLY_POWER
+WARMUP_STEPS = 0              # linear warm-up of the LR over the first steps (0: none, as in the paper)
 AUGMENT = True                # dihedral flips, 90-110 % scaling, shift, HSV jitter
 SEED = 0
 

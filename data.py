@@ -625,6 +625,31 @@ def stack_samples(samples, size, num_classes):
     return images, labels
 
 
+def stack_native(samples, num_classes):
+    """Decode once at native resolution: images (N, 3, H, W) and labels (N, H, W) as uint8 tensors, each
+    zero-padded at the bottom and right to the largest height and width of the set (DRIVE: all 584 x 565,
+    no padding). Padding is black with background label, as pixels moved in by the augmentation are."""
+    height = max(sample.image.shape[0] for sample in samples)
+    width = max(sample.image.shape[1] for sample in samples)
+    images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
+    labels = torch.zeros(len(samples), height, width, dtype=torch.uint8)
+    for index, sample in enumerate(samples):
+        rows, cols = sample.label.shape
+        images[index, :, :rows, :cols] = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1)
+        labels[index, :rows, :cols] = torch.from_numpy(np.ascontiguousarray(sample.label))
+    return images, labels
+
+
+def padded_side(height, width, multiple=32):
+    """The smallest square side >= both sides that the encoder can halve five times."""
+    return math.ceil(max(height, width) / multiple) * multiple
+
+
+def pad_to_square(images, side):
+    """(N, C, H, W) -> (N, C, side, side), zeros at the bottom and right (the original stays at [:H, :W])."""
+    return F.pad(images, (0, side - images.shape[-1], 0, side - images.shape[-2]))
+
+
 def normalize(images):
     """uint8 or [0, 1] float batch -> ImageNet-normalised float (the encoder's pretraining statistics)."""
     if images.dtype == torch.uint8:
@@ -751,16 +776,40 @@ def jitter_hsv(images, shifts):
     return hsv_to_rgb(torch.cat([hue, rest], 1)).clamp(0, 1)
 
 
-def apply_augmentation(images, labels, theta, hsv_shifts):
+def random_crop_centres(count, crop, height, width, generator):
+    """(count, 2) crop centres (x, y) in pixels, uniform over the positions where a crop x crop window
+    fits inside a height x width image (the middle, on a side shorter than the crop)."""
+    low = torch.tensor([min(crop, width), min(crop, height)]) / 2
+    high = torch.tensor([width, height]) - low
+    return low + torch.rand(count, 2, generator=generator) * (high - low)
+
+
+def crop_affine(theta, centres, crop, height, width):
+    """Matrices that sample a crop x crop window centred at `centres` (B, 2) pixels of a height x width
+    image, transformed by `theta` (B, 2, 3, the square-image matrices of `random_affine`, whose shift the
+    random centre replaces). Normalised input coordinates span the whole image, so the linear part is
+    scaled per axis by crop / side; the window keeps square pixels whatever the image's aspect."""
+    axis_scale = torch.tensor([crop / width, crop / height], dtype=theta.dtype, device=theta.device)
+    linear = theta[:, :, :2] * axis_scale.view(1, 2, 1)
+    sides = torch.tensor([width, height], dtype=theta.dtype, device=theta.device)
+    centre = 2 * centres.to(theta.dtype) / sides - 1
+    return torch.cat([linear, centre[:, :, None]], dim=2)
+
+
+def apply_augmentation(images, labels, theta, hsv_shifts, out_size=None):
     """Resample image and label through the same affine grid, then jitter the image's colour.
 
     images: (B, 3, H, W) float in [0, 1]; labels: (B, H, W) integer class map; theta (B, 2, 3) and
-    hsv_shifts (B, 3) on the images' device. Labels stay integer class maps (nearest-neighbour
-    sampling); pixels moved in from outside the frame are black with background label.
+    hsv_shifts (B, 3) on the images' device. The output is out_size x out_size (default: the input's
+    size, which must then be square). Labels stay integer class maps (nearest-neighbour sampling);
+    pixels moved in from outside the frame are black with background label.
     """
-    if images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"augmentation needs square images, got {tuple(images.shape[-2:])}")
-    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    if out_size is None:
+        if images.shape[-1] != images.shape[-2]:
+            raise ValueError(f"augmentation needs square images, got {tuple(images.shape[-2:])}")
+        out_size = images.shape[-1]
+    shape = [images.shape[0], images.shape[1], out_size, out_size]
+    grid = F.affine_grid(theta.to(images.dtype), shape, align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     moved = F.grid_sample(labels[:, None].to(images.dtype), grid, mode="nearest", padding_mode="zeros",
                           align_corners=False)

@@ -181,7 +181,9 @@ def model_from_checkpoint(path, settings):
                 raise UserError(f"checkpoint {path} was trained as {key.lower()} {trained[key]!r}, "
                                 f"but --{key.lower()} {settings[key]} was given; drop the flag or pick "
                                 f"the matching checkpoint")
-        merged = {**trained, **{key: settings[key] for key in overridden}, "_OVERRIDDEN": sorted(overridden)}
+        # Settings added after a checkpoint was written take today's defaults.
+        merged = {**settings, **trained, **{key: settings[key] for key in overridden},
+                  "_OVERRIDDEN": sorted(overridden)}
         state_dict, num_classes = payload["state_dict"], payload["num_classes"]
     else:
         merged = dict(settings)
@@ -238,9 +240,11 @@ def latest_checkpoint(weights_dir):
 # Training
 # --------------------------------------------------------------------------------------------
 
-def poly_lr(base_lr, step, total_steps, power):
-    """lr = base_lr * (1 - step / total_steps) ** power, the paper's poly schedule."""
-    return base_lr * (1 - step / total_steps) ** power
+def poly_lr(base_lr, step, total_steps, power, warmup_steps=0):
+    """lr = base_lr * (1 - step / total_steps) ** power, the paper's poly schedule, times a linear
+    warm-up factor (step + 1) / warmup_steps over the first warmup_steps steps."""
+    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    return base_lr * warmup * (1 - step / total_steps) ** power
 
 
 def maybe_compile(model, enabled):
@@ -267,6 +271,22 @@ def to_device(tensor, device):
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def build_optimizer(parameters, settings, kernel):
+    """SGD with momentum and L2 weight decay (the paper), or AdamW with decoupled weight decay.
+
+    The same SGD in any implementation (`kernel`: fused, foreach or the per-tensor loop); tests check
+    they agree. The default is PyTorch's multi-tensor (foreach) path on CUDA and the loop on the CPU;
+    benchmark.py --sgd-kernel compares them."""
+    name = settings.get("OPTIMIZER", "sgd")
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=settings["LR"], weight_decay=settings["WEIGHT_DECAY"])
+    if name != "sgd":
+        raise UserError(f"unknown optimizer {name!r}; choose sgd or adamw")
+    implementation = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[kernel]
+    return torch.optim.SGD(parameters, lr=settings["LR"], momentum=settings["MOMENTUM"],
+                           weight_decay=settings["WEIGHT_DECAY"], **implementation)
 
 
 def sgd_kernel(settings, device):
@@ -302,10 +322,8 @@ class Trainer:
         # The same SGD (momentum, dampening 0, L2 weight decay) in any implementation; tests check they
         # agree. The default is PyTorch's multi-tensor (foreach) path on CUDA and the per-tensor loop on the
         # CPU; benchmark.py --sgd-kernel fused|foreach|loop sets the private _SGD_KERNEL to compare them.
-        kernel = sgd_kernel(settings, device)
-        implementation = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[kernel]
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=settings["LR"], momentum=settings["MOMENTUM"],
-                                         weight_decay=settings["WEIGHT_DECAY"], **implementation)
+        self.optimizer = build_optimizer(self.model.parameters(), settings, sgd_kernel(settings, device))
+        self.patch_size = settings.get("PATCH_SIZE", 0)
         self.total_steps = data.steps_for(len(images), settings["BATCH_SIZE"], settings["EPOCHS"])
         self.plan = self.draw_plan(len(images), settings["BATCH_SIZE"] // world_size)
         self.step_count = 0
@@ -326,10 +344,16 @@ class Trainer:
         stream = data.BatchStream(num_images, batch_size, seed, self.rank, self.world_size)
         indices = torch.stack([stream.next() for _ in range(steps)])
         generator = torch.Generator().manual_seed(seed * 1000 + self.rank)
-        theta, hsv = data.draw_augmentation(steps * batch_size, generator)
-        return {"indices": to_device(indices, self.device),
-                "theta": to_device(theta.view(steps, batch_size, 2, 3), self.device),
-                "hsv": to_device(hsv.view(steps, batch_size, 3), self.device)}
+        theta, hsv = data.draw_augmentation(steps * batch_size, generator, geometric=self.settings["AUGMENT"],
+                                            colour=self.settings["AUGMENT"])
+        plan = {"indices": indices, "theta": theta.view(steps, batch_size, 2, 3),
+                "hsv": hsv.view(steps, batch_size, 3)}
+        if self.patch_size:
+            height, width = self.images.shape[-2:]
+            centres = data.random_crop_centres(steps * batch_size, self.patch_size, height, width, generator)
+            plan["theta"] = data.crop_affine(plan["theta"].view(-1, 2, 3), centres, self.patch_size, height,
+                                             width).view(steps, batch_size, 2, 3)
+        return {key: to_device(value, self.device) for key, value in plan.items()}
 
     def batch(self):
         """This step's augmented, normalised batch, assembled on the device."""
@@ -337,7 +361,10 @@ class Trainer:
         index = self.plan["indices"][step]
         images = self.images[index].float() / 255
         labels = self.labels[index]
-        if self.settings["AUGMENT"]:
+        if self.patch_size:  # the crop is one resampling with the augmentation (identity when it is off)
+            images, labels = data.apply_augmentation(images, labels, self.plan["theta"][step],
+                                                     self.plan["hsv"][step], out_size=self.patch_size)
+        elif self.settings["AUGMENT"]:
             images, labels = data.apply_augmentation(images, labels, self.plan["theta"][step],
                                                      self.plan["hsv"][step])
         images = data.normalize(images).contiguous(memory_format=self.format)
@@ -370,7 +397,8 @@ class Trainer:
 
     def step(self):
         """One optimisation step; returns the loss as a tensor (no host sync)."""
-        lr = poly_lr(self.settings["LR"], self.step_count, self.total_steps, self.settings["POLY_POWER"])
+        lr = poly_lr(self.settings["LR"], self.step_count, self.total_steps, self.settings["POLY_POWER"],
+                     self.settings.get("WARMUP_STEPS", 0))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         images, labels = self.batch()
@@ -390,8 +418,10 @@ class Trainer:
     def sample_prediction(self):
         """First training image, its label and the current prediction, for a visual check."""
         image = self.images[:1].float() / 255
-        probs = predict(self.model, data.normalize(image), self.device, tta=False, amp=self.settings["AMP"],
-                        fmt=self.format)
+        height, width = image.shape[-2:]
+        padded = data.pad_to_square(image, data.padded_side(height, width))
+        probs = predict(self.model, data.normalize(padded), self.device, tta=False, amp=self.settings["AMP"],
+                        fmt=self.format)[..., :height, :width]
         return image[0].cpu(), self.labels[0].cpu(), probs[0].cpu()
 
 

@@ -36,12 +36,16 @@ def say(rank, message):
 
 def prepare(settings, rank):
     """Everything before the first step: validation, data in memory, model with its encoder weights."""
-    data.check_image_size(settings["IMAGE_SIZE"])
+    patch = settings["PATCH_SIZE"]
+    data.check_image_size(patch or settings["IMAGE_SIZE"])
     spec = data.dataset_spec(settings["DATASET"])
     if settings["MODEL"] not in networks.MODELS:
         networks.build_model(settings["MODEL"])  # raises the UserError listing valid names
     samples = data.load_split(settings, "train")
-    images, labels = data.stack_samples(samples, settings["IMAGE_SIZE"], spec.num_classes)
+    if patch:
+        images, labels = data.stack_native(samples, spec.num_classes)
+    else:
+        images, labels = data.stack_samples(samples, settings["IMAGE_SIZE"], spec.num_classes)
     framework.seed_everything(settings["SEED"])
     model = networks.build_model(settings["MODEL"], num_classes=spec.num_classes)
     status = networks.load_encoder_weights(model, settings["PRETRAINED"])
@@ -62,8 +66,10 @@ def train(settings):
         framework.write_json(run_dir / "settings.json", framework.checkpoint_settings(settings))
     visdom = framework.VisdomLogger(settings["VISDOM_SERVER"], settings["VISDOM_PORT"],
                                     env=run_dir.name if run_dir else "", enabled=settings["VISDOM"] and rank == 0)
-    say(rank, f"training {networks.MODEL_TITLES[settings['MODEL']]} on {settings['DATASET']} ({len(images)} images "
-              f"at {settings['IMAGE_SIZE']}px) for {trainer.total_steps} steps of batch {settings['BATCH_SIZE']} "
+    say(rank, f"training {networks.MODEL_TITLES[settings['MODEL']]} on {settings['DATASET']} ({len(images)} images, "
+              + (f"random {settings['PATCH_SIZE']}px crops at native resolution" if settings["PATCH_SIZE"]
+                 else f"resized to {settings['IMAGE_SIZE']}px") + ")"
+              + f" for {trainer.total_steps} steps of batch {settings['BATCH_SIZE']} "
               f"on {device}" + (f" x{world_size}" if world_size > 1 else ""))
 
     log_lines = ["step,loss,lr"]

@@ -41,6 +41,8 @@ def parse_args(argv=None):
 
 def predict_split(model, samples, settings, device):
     """Probabilities at native resolution, one (K, H, W) tensor per sample, on the device."""
+    if settings["PATCH_SIZE"]:
+        return predict_native(model, samples, settings, device)
     size = settings["IMAGE_SIZE"]
     data.check_image_size(size)
     fmt = framework.memory_format(device, settings)
@@ -53,6 +55,22 @@ def predict_split(model, samples, settings, device):
     for sample, prob in zip(samples, probs):
         height, width = sample.label.shape
         restored.append(F.interpolate(prob[None], size=(height, width), mode="bilinear", align_corners=False)[0])
+    return restored
+
+
+def predict_native(model, samples, settings, device, images_per_chunk=4):
+    """Whole images at native resolution, zero-padded at the bottom and right to a square whose side is
+    a multiple of 32 (DRIVE 584 x 565 -> 608 x 608; square, so the transposed TTA views batch with the
+    others), predicted a few at a time; the padding is cut off the probabilities."""
+    fmt = framework.memory_format(device, settings)
+    restored = []
+    for start in range(0, len(samples), images_per_chunk):
+        chunk = samples[start:start + images_per_chunk]
+        images, _ = data.stack_native(chunk, 1)
+        side = data.padded_side(*images.shape[-2:])
+        images = data.normalize(data.pad_to_square(images, side).to(device))
+        probs = framework.predict(model, images, device, tta=settings["TTA"], amp=settings["AMP"], fmt=fmt)
+        restored.extend(prob[:, :sample.label.shape[0], :sample.label.shape[1]] for sample, prob in zip(chunk, probs))
     return restored
 
 

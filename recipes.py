@@ -1,0 +1,32 @@
+"""Named recipes: sets of constants.py overrides, picked with ``--recipe NAME`` (or RECIPE = "NAME").
+
+Command-line flags still win over a recipe, so ``--recipe cpu --epochs 10`` is the cpu recipe, shorter.
+The paper's recipe is constants.py itself (``faithful``).
+"""
+
+RECIPES = {
+    "faithful": {},
+    "hires": {"IMAGE_SIZE": 576, "EPOCHS": 1000},
+    "hires_dice_bce": {"IMAGE_SIZE": 576, "EPOCHS": 1000, "LOSS": "dice_bce"},
+    "cpu": {"PATCH_SIZE": 256, "OPTIMIZER": "adamw", "LR": 2e-3, "WARMUP_STEPS": 30, "LOSS": "dice_bce",
+            "EPOCHS": 115, "PRETRAINED": "none"},
+}
+
+RECIPE_WHY = {
+    "faithful": "constants.py as shipped, i.e. the paper: 448x448, 300 epochs (900 steps of batch 8 on the "
+                "20 training images), SGD momentum 0.9, poly LR from 4e-3, Dice loss.",
+    "hires": "DRIVE images are 565x584; 448 shrinks them by about 0.78 and the 1-2 px capillaries fall below a "
+             "pixel. 576, the nearest multiple of 32 above native, resizes by 1.02/0.99 instead. Where the encoder "
+             "has to start from random weights (no ImageNet weights), 900 steps is short: 1000 epochs = 3000 "
+             "steps. Loss unchanged (Dice).",
+    "hires_dice_bce": "hires plus a BCE term beside Dice. Dice alone drives probabilities to 0/1, which ranks "
+                      "pixels coarsely and can cost AUC; the BCE term keeps per-pixel probabilities "
+                      "calibrated. Its own recipe, so each change is measured alone.",
+    "cpu": "Made to finish in about 40 minutes on a 2-core CPU, from random weights. Random 256x256 crops at "
+           "native resolution keep the 1-2 px capillaries that a resize to 448 thins, and cost a fifth of a "
+           "448x448 image each; the test image is predicted whole at native resolution. AdamW at 2e-3 with a "
+           "30-step warm-up moves a randomly initialised network in hundreds of steps, where the paper's SGD at "
+           "4e-3 (tuned for ImageNet weights) barely leaves its start. Dice + BCE keeps probabilities graded, "
+           "which AUC rewards. 115 epochs = 345 steps of batch 8; the paper's augmentation, with the random crop "
+           "position standing in for the shift.",
+}
