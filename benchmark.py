@@ -11,8 +11,8 @@ What is measured, all through the code main.py and test.py run:
   on the device, forward, loss, backward, SGD, poly LR), --steps steps timed after --warmup untimed ones
   (the warm-up absorbs torch.compile and cuDNN autotuning); img/s counts the global batch;
 - peak GPU memory of those training steps (torch.cuda.max_memory_allocated; n/a on the CPU);
-- inference: framework.predict without TTA on a batch of BATCH_SIZE images, eval mode, in each process;
-- evaluate: test.evaluate on the whole test split (TTA when TTA is on, metrics, every PNG, ROC plot,
+- inference: inference.predict without TTA on a batch of BATCH_SIZE images, eval mode, in each process;
+- evaluate: evaluation.evaluate on the whole test split (TTA when TTA is on, metrics, every PNG, ROC plot,
   metrics.json) into a temporary folder, timed after the model is loaded, as test.py reports it;
 - a projection of a full main.py run with these settings (start-up + warm-up + remaining steps).
 The weights are those of the trained steps; speed does not depend on their values, so the encoder starts
@@ -28,11 +28,17 @@ import torch
 
 import cli
 import data
+import devices
+import evaluation
 import framework
-import main as training
+import inference
+import report
+import tasks
+import training
+from errors import UserError
 
 # --compare: the quoted before/after steps. On the CPU, bf16 autocast and channels_last do not apply
-# (framework.autocast / memory_format), so rows that reduce to an earlier one are left out.
+# (devices.autocast / memory_format), so rows that reduce to an earlier one are left out.
 COMPARE_ROWS = [
     ("before: the paper's fp32, batch {small}", {"AMP": False, "CHANNELS_LAST": False, "COMPILE": False}, "small"),
     ("after: batch {large}, bf16 + channels_last on CUDA", {"AMP": True, "CHANNELS_LAST": True, "COMPILE": False},
@@ -50,25 +56,24 @@ def parse_args(argv=None):
                         help="measure the configurations of COMPARE_ROWS and print a before/after table")
     parser.add_argument("--compare-batches", default="8,32", metavar="SMALL,LARGE",
                         help="batch sizes of the --compare rows: the paper's, and the fast one (default 8,32)")
-    parser.add_argument("--no-eval", action="store_true", help="skip the test.evaluate timing")
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation.evaluate timing")
     parser.add_argument("--sgd-kernel", choices=("fused", "foreach", "loop"), default=None,
                         help="SGD implementation (default: what main.py uses, foreach on CUDA, loop on the CPU)")
     cli.add_constant_flags(parser)
     args = parser.parse_args(argv)
-    settings = cli.settings_from(args)
+    settings, given = cli.settings_from(args)
     if args.steps < 1 or args.warmup < 0:
-        raise cli.UserError(f"--steps must be at least 1 and --warmup at least 0 (got {args.steps}, {args.warmup})")
+        raise UserError(f"--steps must be at least 1 and --warmup at least 0 (got {args.steps}, {args.warmup})")
     try:
         small, large = (int(text) for text in args.compare_batches.split(","))
     except ValueError:
-        raise cli.UserError(f"--compare-batches wants two integers like 8,32, got {args.compare_batches!r}")
+        raise UserError(f"--compare-batches wants two integers like 8,32, got {args.compare_batches!r}")
     if small < 1 or large < 1:
-        raise cli.UserError(f"--compare-batches must be positive, got {args.compare_batches!r}")
+        raise UserError(f"--compare-batches must be positive, got {args.compare_batches!r}")
     args.batches = {"small": small, "large": large}
-    if "PRETRAINED" not in settings["_OVERRIDDEN"]:
+    if "PRETRAINED" not in given:
         settings["PRETRAINED"] = "none"  # speed does not depend on the starting weights
     settings["VISDOM"] = False
-    settings["_SGD_KERNEL"] = args.sgd_kernel
     return args, settings
 
 
@@ -84,28 +89,28 @@ def describe(settings, device, world_size):
 
 def measure(settings, args, device, rank, world_size, workdir):
     """Figures for one configuration: a dict of name -> number (or None where not applicable)."""
-    clock = framework.timed()
+    clock = devices.timed(device)
     model, images, labels, _ = training.prepare(settings, rank)
     full_run_steps = data.steps_for(len(images), settings["BATCH_SIZE"], settings["EPOCHS"])
     # The poly schedule must not run out during the benchmark (its base would go negative).
-    trainer_settings = dict(settings)
     steps_per_epoch = math.ceil(len(images) / settings["BATCH_SIZE"])
     needed_epochs = math.ceil((args.warmup + args.steps + 1) / steps_per_epoch)
-    trainer_settings["EPOCHS"] = max(settings["EPOCHS"], needed_epochs)
-    trainer = framework.Trainer(model, images, labels, trainer_settings, device, rank, world_size)
-    startup = framework.timed() - clock
+    config = framework.TrainConfig.from_settings(settings, epochs=max(settings["EPOCHS"], needed_epochs),
+                                                 sgd_kernel=args.sgd_kernel or "")
+    trainer = framework.Trainer(model, images, labels, config, device, rank, world_size)
+    startup = devices.timed(device) - clock
 
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    clock = framework.timed()
+    clock = devices.timed(device)
     for _ in range(args.warmup):
         trainer.step()
-    warmup_seconds = framework.timed() - clock
-    clock = framework.timed()
+    warmup_seconds = devices.timed(device) - clock
+    clock = devices.timed(device)
     for _ in range(args.steps):
         loss = trainer.step()
-    train_seconds = framework.timed() - clock
+    train_seconds = devices.timed(device) - clock
     if not torch.isfinite(loss).all():  # after the clock stopped: reading it waits for the GPU
         print(f"notice: the training loss is {loss.item()} after the timed steps", file=sys.stderr)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
@@ -114,14 +119,14 @@ def measure(settings, args, device, rank, world_size, workdir):
     # Inference: eval-mode forward of one batch through the real predict(), without TTA.
     count = settings["BATCH_SIZE"]
     batch = data.normalize(trainer.images[torch.arange(count, device=device) % len(trainer.images)])
-    infer = lambda: framework.predict(trainer.model, batch, device, tta=False, amp=settings["AMP"],
+    infer = lambda: inference.predict(trainer.model, batch, device, tta=False, amp=settings["AMP"],
                                       fmt=trainer.format, images_per_batch=count)
     for _ in range(max(1, args.warmup)):
         infer()
-    clock = framework.timed()
+    clock = devices.timed(device)
     for _ in range(args.steps):
         infer()
-    infer_seconds = framework.timed() - clock
+    infer_seconds = devices.timed(device) - clock
 
     figures = {
         "train throughput (img/s)": settings["BATCH_SIZE"] * args.steps / train_seconds,
@@ -139,16 +144,16 @@ def measure(settings, args, device, rank, world_size, workdir):
         del trainer, model  # evaluate loads its own copy, as test.py does
         if cuda:
             torch.cuda.empty_cache()
-        test_count = len(data.load_split(settings, "test"))
-        import test as evaluation
-        clock = framework.timed()
+        test_count = len(tasks.load_split(settings["DATASET"], settings["DATA_ROOT"], "test",
+                                          tasks.SplitOptions.from_settings(settings)))
+        clock = devices.timed(device)
         _, _, after_load = evaluation.evaluate(checkpoint, settings, out_dir=workdir / "evaluate")
-        whole = framework.timed() - clock
+        whole = devices.timed(device) - clock
         tta = "with 8-way TTA" if settings["TTA"] else "no TTA"
         figures[f"evaluate {test_count} test images {tta}, all outputs, after model load (s)"] = after_load
         figures["evaluate, including model load and reading the images (s)"] = whole
     if world_size > 1:
-        framework.dist.barrier()  # the other processes wait while rank 0 evaluates
+        devices.dist.barrier()  # the other processes wait while rank 0 evaluates
     return figures
 
 
@@ -172,9 +177,7 @@ def number(value):
 
 def print_figures(title, figures):
     print(f"\n{title}\n")
-    print("| figure | value |\n|---|---|")
-    for name, value in figures.items():
-        print(f"| {name} | {number(value)} |")
+    print(report.markdown_table(["figure", "value"], [[name, number(value)] for name, value in figures.items()]))
 
 
 def print_comparison(rows):
@@ -196,15 +199,17 @@ def print_comparison(rows):
 
 
 def run(args, settings):
-    device = framework.select_device(settings["DEVICE"])
-    rank, world_size = framework.distributed_context(device)
+    device = devices.select_device(settings["DEVICE"])
+    rank, world_size = devices.distributed_context(device)
     settings["DEVICE"] = str(device)  # evaluate() picks the same device, without a second notice
-    framework.configure_speed(device, settings)
+    devices.configure_speed(device)
     cpu = f"CPU, {torch.get_num_threads()} thread(s)"
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
-    kernel = framework.sgd_kernel(settings, device)
-    header = (f"{settings['MODEL']} on {settings['DATASET']} at {settings['IMAGE_SIZE']} px, {machine}, "
-              f"torch {torch.__version__}, SGD {kernel}, {args.steps} timed steps after {args.warmup} warm-up")
+    config = framework.TrainConfig.from_settings(settings, sgd_kernel=args.sgd_kernel or "")
+    optimizer = f"SGD {framework.sgd_kernel(config, device)}" if config.optimizer == "sgd" else config.optimizer
+    size = f"{config.patch_size} px crops" if config.patch_size else f"{settings['IMAGE_SIZE']} px"
+    header = (f"{settings['MODEL']} on {settings['DATASET']} at {size}, {machine}, torch {torch.__version__}, "
+              f"{optimizer}, {args.steps} timed steps after {args.warmup} warm-up")
 
     configurations = compare_configurations(settings, args.batches, device, world_size) if args.compare \
         else [("", settings)]
@@ -233,9 +238,9 @@ def main(argv=None):
     args, settings = parse_args(argv)
     try:
         run(args, settings)
-        framework.close_distributed()
+        devices.close_distributed()
     finally:
-        framework.close_distributed(finished=False)  # a no-op when the run already closed it
+        devices.close_distributed(finished=False)  # a no-op when the run already closed it
 
 
 if __name__ == "__main__":

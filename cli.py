@@ -1,13 +1,14 @@
-"""Command-line overrides of constants.py, and the one-line error convention of every script."""
+"""Command-line overrides of constants.py, range checks, and the one-line error convention of every script.
+
+Settings resolve in this order: constants.py, then the named RECIPE's overrides (recipes.py), then the
+flags given on the command line. A script reads them once, at its top, and passes them inward.
+"""
 import argparse
 import sys
 
 import constants
 import recipes
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad path, bad flag, wrong checkpoint). Printed as one line, exit 2."""
+from errors import UserError
 
 
 def _parse_bool(text):
@@ -23,32 +24,66 @@ def constant_names():
     return [name for name in vars(constants) if name.isupper()]
 
 
+def flag(name):
+    return "--" + name.lower().replace("_", "-")
+
+
 def add_constant_flags(parser):
     """One flag per constant: IMAGE_SIZE becomes --image-size, typed like its default."""
     group = parser.add_argument_group("constants (defaults from constants.py)")
     for name in constant_names():
         default = getattr(constants, name)
         kind = _parse_bool if isinstance(default, bool) else type(default)
-        group.add_argument("--" + name.lower().replace("_", "-"), dest=name, type=kind, default=None,
+        group.add_argument(flag(name), dest=name, type=kind, default=None,
                            metavar=type(default).__name__.upper(), help=f"default: {default!r}")
     return parser
 
 
 def settings_from(args):
-    """Constants as a plain dict: constants.py, then the named RECIPE's overrides, then the command line."""
+    """(settings, given): every constant as a plain dict after the recipe and the command line, and the
+    set of names the command line gave explicitly."""
     settings = {name: getattr(constants, name) for name in constant_names()}
-    overridden = {name for name in settings if getattr(args, name, None) is not None}
-    for name in overridden:
+    given = {name for name in settings if getattr(args, name, None) is not None}
+    for name in given:
         settings[name] = getattr(args, name)
     recipe = settings["RECIPE"]
     if recipe:
         if recipe not in recipes.RECIPES:
             raise UserError(f"unknown recipe {recipe!r}; choose one of: {', '.join(recipes.RECIPES)}")
         for name, value in recipes.RECIPES[recipe].items():
-            if name not in overridden:
+            if name not in given:
                 settings[name] = value
-    settings["_OVERRIDDEN"] = sorted(overridden)
-    return settings
+    check_ranges(settings)
+    return settings, frozenset(given)
+
+
+# name -> (test, what the value must be); checked before any data is read.
+RANGES = {
+    "BATCH_SIZE": (lambda value: value >= 1, "at least 1"),
+    "EPOCHS": (lambda value: value >= 1, "at least 1"),
+    "LR": (lambda value: value > 0, "greater than 0"),
+    "MOMENTUM": (lambda value: 0 <= value < 1, "in [0, 1)"),
+    "WEIGHT_DECAY": (lambda value: value >= 0, "at least 0"),
+    "POLY_POWER": (lambda value: value >= 0, "at least 0"),
+    "WARMUP_STEPS": (lambda value: value >= 0, "at least 0"),
+    "LOG_EVERY": (lambda value: value >= 1, "at least 1"),
+    "THRESHOLD": (lambda value: 0 < value < 1, "strictly between 0 and 1"),
+    "IMAGE_SIZE": (lambda value: value > 0 and value % 32 == 0, "a positive multiple of 32, e.g. 448"),
+    "PATCH_SIZE": (lambda value: value >= 0 and value % 32 == 0, "0 or a positive multiple of 32, e.g. 256"),
+    "NUM_FOLDS": (lambda value: value >= 2, "at least 2"),
+    "CROP_SIZE": (lambda value: value > 0, "greater than 0"),
+    "VISDOM_PORT": (lambda value: 0 < value < 65536, "a port number"),
+}
+
+
+def check_ranges(settings):
+    """One UserError for the first setting out of its range, naming the flag."""
+    for name, (valid, what) in RANGES.items():
+        if name in settings and not valid(settings[name]):
+            raise UserError(f"{flag(name)} {settings[name]} is out of range: it must be {what}")
+    if any(separator in settings.get("RUN_NAME", "") for separator in ("/", "\\")) \
+            or settings.get("RUN_NAME") in (".", ".."):
+        raise UserError(f"--run-name {settings['RUN_NAME']!r} must be a plain folder name, without / or \\")
 
 
 def run(main_function):

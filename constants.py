@@ -6,7 +6,7 @@ Defaults follow the CE-Net paper (Gu et al., IEEE TMI 2019) on DRIVE.
 """
 
 # --- data -------------------------------------------------------------------------------
-DATASET = "drive"             # which reader / metrics / class count: see data.DATASETS
+DATASET = "drive"             # which reader / scoring / class count: see tasks.DATASETS
 DATA_ROOT = "dataset/DRIVE"   # folder holding the dataset in its distributed layout
 IMAGE_SIZE = 448              # train/test side in pixels (square); must be a multiple of 32
 PATCH_SIZE = 0                # 0: whole images resized to IMAGE_SIZE (the paper). N > 0: train on random

@@ -1,106 +1,25 @@
-"""Training and inference machinery shared by main.py, test.py, benchmark.py and reproduce.py.
+"""The training wrapper: optimiser, LR schedule, the training step, and checkpoints (save / load).
 
-- device choice, seeding, torchrun/DDP set-up;
-- checkpoints that record everything test.py needs, and load whatever wrapper saved them;
-- `Trainer`: SGD + poly LR on in-memory tensors with batch augmentation on the device;
-- `predict`: 8-way dihedral test-time augmentation, all views in one batched forward;
-- `VisdomLogger`: optional live curves, silent after one notice when no server answers.
+- `TrainConfig`: the settings a training step depends on, read once from constants / flags;
+- `Trainer`: SGD (or AdamW) + poly LR on in-memory tensors with batch augmentation on the device;
+- checkpoints that record everything test.py needs, and load whatever wrapper saved them.
 """
-import contextlib
-import json
+import dataclasses
 import os
 import pickle
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import data
 import loss as losses
 import networks
-from cli import UserError
+from devices import autocast, memory_format, to_device
+from errors import UserError
+from inference import predict
 
 CHECKPOINT_FORMAT = "cenet-repro/1"
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-# --------------------------------------------------------------------------------------------
-# Machine
-# --------------------------------------------------------------------------------------------
-
-def select_device(name):
-    """'auto' takes CUDA when present and says so when it falls back; 'cuda' insists."""
-    if name not in ("auto", "cuda", "cpu") and not name.startswith("cuda:"):
-        raise UserError(f"device {name!r} not understood; use auto, cuda, cuda:N or cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        if name in ("auto", "cuda"):  # under torchrun each process takes its own GPU
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device(name)
-    if name == "auto":
-        print("notice: CUDA is not available, running on the CPU (slow; fine for tests and tiny runs)",
-              file=sys.stderr)
-        return torch.device("cpu")
-    raise UserError(f"--device {name} was asked for but CUDA is not available on this machine; "
-                    f"use --device cpu or --device auto")
-
-
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    import random
-
-    import numpy as np
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def distributed_context(device=None):
-    """(rank, world_size) from torchrun's environment, initialising the process group once.
-
-    NCCL for processes on GPUs, gloo for CPU processes (also on a machine that has GPUs: --device cpu)."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
-        dist.init_process_group("nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
-    return dist.get_rank(), world_size
-
-
-def close_distributed(finished=True):
-    """Leave the process group. After a run that finished on every rank, meet at a barrier first:
-    a rank that tears its connections down while a peer is still in the last collective can make
-    gloo abort that peer. After an error no barrier (the failed peer would never arrive)."""
-    if not dist.is_initialized():
-        return
-    if finished:
-        dist.barrier()
-    dist.destroy_process_group()
-
-
-def configure_speed(device, settings):
-    """cudnn autotuning and TF32 on CUDA: free speed for fixed-size inputs."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.cuda.set_device(device)
-
-
-def autocast(device, enabled):
-    """bf16 autocast on CUDA when enabled; a no-op elsewhere (CPU runs stay fp32 and exact)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def memory_format(device, settings):
-    if settings.get("CHANNELS_LAST") and device.type == "cuda":
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,13 +37,17 @@ def unwrap(model):
             return model
 
 
+
 def clean_state_dict(state_dict):
     """Strip wrapper prefixes ('module.', '_orig_mod.', in any order) from every key."""
-    return {networks.strip_prefixes(key, WRAPPER_PREFIXES): value for key, value in state_dict.items()}
+    return {networks.strip_prefixes(key, networks.WRAPPER_PREFIXES): value for key, value in state_dict.items()}
+
 
 
 def checkpoint_settings(settings):
-    return {key: value for key, value in settings.items() if not key.startswith("_")}
+    """The constants a run used, as recorded in its checkpoint and settings.json."""
+    return dict(settings)
+
 
 
 def save_checkpoint(path, model, settings, **extra):
@@ -136,7 +59,7 @@ def save_checkpoint(path, model, settings, **extra):
         "format": CHECKPOINT_FORMAT,
         "model": settings["MODEL"],
         "dataset": settings["DATASET"],
-        "num_classes": data.dataset_spec(settings["DATASET"]).num_classes,
+        "num_classes": unwrap(model).num_classes,
         "image_size": settings["IMAGE_SIZE"],
         "settings": checkpoint_settings(settings),
         "state_dict": clean_state_dict(unwrap(model).state_dict()),
@@ -146,6 +69,36 @@ def save_checkpoint(path, model, settings, **extra):
     torch.save(payload, temporary)
     os.replace(temporary, path)  # a crash mid-write never leaves a truncated checkpoint behind
     return path
+
+
+
+def release_checkpoint(source, target, **extra):
+    """A copy of checkpoint `source` for distribution: weights stored as float16 (half the size; test.py
+    loads them into the float32 model; see release_tensor), everything else as recorded, plus `extra`.
+    Refuses to replace an existing file."""
+    target = Path(target)
+    if target.exists():
+        raise UserError(f"{target} already exists; refusing to overwrite it")
+    payload = read_checkpoint(source)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{source} is not a checkpoint written by main.py")
+    payload["state_dict"] = {key: release_tensor(key, value) for key, value in payload["state_dict"].items()}
+    payload.update(extra, weights_dtype="float16 (BatchNorm statistics and out-of-range tensors float32)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(target.name + ".partial")
+    torch.save(payload, temporary)
+    os.replace(temporary, target)
+    return target
+
+
+def release_tensor(key, value):
+    """float16 for learned weights; BatchNorm's running statistics stay float32, since a from-scratch
+    network can grow variances far beyond float16's range (65504), and so does any tensor that would
+    not survive the conversion."""
+    if not value.is_floating_point() or key.endswith(("running_mean", "running_var")):
+        return value
+    half = value.half()
+    return half if torch.isfinite(half).all() else value
 
 
 def read_checkpoint(path):
@@ -165,37 +118,13 @@ def read_checkpoint(path):
     return payload
 
 
-def model_from_checkpoint(path, settings):
-    """Rebuild the model a checkpoint was trained as, and the settings it was trained with.
 
-    Our checkpoints carry architecture, class count and image size. A bare state dict (for example
-    the authors' release) is loaded into the model named by the current settings. Either way a
-    mismatch between what the user asked for and what the file holds is one clear error.
-    """
-    payload = read_checkpoint(path)
-    overridden = set(settings.get("_OVERRIDDEN", ()))
-    if payload.get("format") == CHECKPOINT_FORMAT:
-        trained = dict(payload["settings"])
-        for key in ("MODEL", "DATASET"):
-            if key in overridden and settings[key] != trained[key]:
-                raise UserError(f"checkpoint {path} was trained as {key.lower()} {trained[key]!r}, "
-                                f"but --{key.lower()} {settings[key]} was given; drop the flag or pick "
-                                f"the matching checkpoint")
-        # Settings added after a checkpoint was written take today's defaults.
-        merged = {**settings, **trained, **{key: settings[key] for key in overridden},
-                  "_OVERRIDDEN": sorted(overridden)}
-        state_dict, num_classes = payload["state_dict"], payload["num_classes"]
-    else:
-        merged = dict(settings)
-        state_dict = payload.get("state_dict", payload.get("model", payload))
-        num_classes = data.dataset_spec(settings["DATASET"]).num_classes
-    expected = data.dataset_spec(merged["DATASET"]).num_classes
-    if num_classes != expected:
-        raise UserError(f"checkpoint {path} predicts {num_classes} classes but dataset "
-                        f"{merged['DATASET']!r} has {expected}")
-    model = networks.build_model(merged["MODEL"], num_classes=num_classes)
-    load_state_dict_checked(model, clean_state_dict(state_dict), path, merged["MODEL"])
-    return model, merged, payload
+def model_from_state_dict(name, num_classes, state_dict, path):
+    """A `name` model with `num_classes` outputs holding `state_dict` (wrapper prefixes stripped);
+    one clear error when the tensors do not fit."""
+    model = networks.build_model(name, num_classes=num_classes)
+    load_state_dict_checked(model, clean_state_dict(state_dict), path, name)
+    return model
 
 
 def load_state_dict_checked(model, state_dict, path, name):
@@ -211,6 +140,7 @@ def load_state_dict_checked(model, state_dict, path, name):
                         f"{len(unexpected)} unexpected, {len(wrong_shape)} wrong-shape tensors "
                         f"(e.g. {example}); is it from another model or class count?")
     model.load_state_dict(state_dict)
+
 
 
 def new_run_dir(parent, name):
@@ -229,6 +159,7 @@ def new_run_dir(parent, name):
             candidate = parent / f"{name}-{number}"
 
 
+
 def latest_checkpoint(weights_dir):
     found = sorted(Path(weights_dir).glob("*/final.pth"), key=lambda path: path.stat().st_mtime)
     if not found:
@@ -240,11 +171,39 @@ def latest_checkpoint(weights_dir):
 # Training
 # --------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What a training step depends on; `from_settings` reads it from constants.py names."""
+    batch_size: int = 8
+    epochs: int = 300
+    loss: str = "dice"
+    optimizer: str = "sgd"
+    lr: float = 4e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    warmup_steps: int = 0
+    augment: bool = True
+    patch_size: int = 0
+    seed: int = 0
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    sgd_kernel: str = ""     # "" = fused / foreach / loop chosen for the device (see sgd_kernel)
+
+    @classmethod
+    def from_settings(cls, settings, **overrides):
+        values = {field.name: settings[field.name.upper()] for field in dataclasses.fields(cls)
+                  if field.name.upper() in settings}
+        return cls(**{**values, **overrides})
+
+
 def poly_lr(base_lr, step, total_steps, power, warmup_steps=0):
     """lr = base_lr * (1 - step / total_steps) ** power, the paper's poly schedule, times a linear
     warm-up factor (step + 1) / warmup_steps over the first warmup_steps steps."""
     warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     return base_lr * warmup * (1 - step / total_steps) ** power
+
 
 
 def maybe_compile(model, enabled):
@@ -259,55 +218,51 @@ def maybe_compile(model, enabled):
         return model
 
 
+
 def compile_notice(error):
     first_line = (str(error).strip().splitlines() or [""])[0][:160]
     print(f"notice: torch.compile unavailable ({type(error).__name__}: {first_line}); running eagerly",
           file=sys.stderr)
 
 
-def to_device(tensor, device):
-    """Host -> device copy that does not stall the host: pinned (page-locked) memory and an asynchronous
-    copy on CUDA. A copy from ordinary memory makes PyTorch wait until the whole stream has drained."""
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
-
-def build_optimizer(parameters, settings, kernel):
+def build_optimizer(parameters, config, device):
     """SGD with momentum and L2 weight decay (the paper), or AdamW with decoupled weight decay.
 
     The same SGD in any implementation (`kernel`: fused, foreach or the per-tensor loop); tests check
     they agree. The default is PyTorch's multi-tensor (foreach) path on CUDA and the loop on the CPU;
     benchmark.py --sgd-kernel compares them."""
-    name = settings.get("OPTIMIZER", "sgd")
-    if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=settings["LR"], weight_decay=settings["WEIGHT_DECAY"])
-    if name != "sgd":
-        raise UserError(f"unknown optimizer {name!r}; choose sgd or adamw")
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer != "sgd":
+        raise UserError(f"unknown optimizer {config.optimizer!r}; choose sgd or adamw")
+    kernel = sgd_kernel(config, device)
     implementation = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[kernel]
-    return torch.optim.SGD(parameters, lr=settings["LR"], momentum=settings["MOMENTUM"],
-                           weight_decay=settings["WEIGHT_DECAY"], **implementation)
+    return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                           **implementation)
 
 
-def sgd_kernel(settings, device):
-    return settings.get("_SGD_KERNEL") or ("foreach" if device.type == "cuda" else "loop")
+
+def sgd_kernel(config, device):
+    """The SGD implementation a run uses: the configured one, else foreach on CUDA and the loop on the CPU."""
+    return config.sgd_kernel or ("foreach" if device.type == "cuda" else "loop")
+
 
 
 class Trainer:
-    """SGD with momentum and weight decay, poly LR, the paper's augmentation, on in-memory tensors.
+    """SGD with momentum and weight decay (or AdamW), poly LR, the paper's augmentation, on in-memory tensors.
 
     `images`/`labels` are uint8 tensors of the whole training set at the training size; they are
     moved to the device once, so a step never waits for a loader. A step never waits for the GPU either:
     the loss comes back as a device tensor, and the caller decides when to read it.
     """
 
-    def __init__(self, model, images, labels, settings, device, rank=0, world_size=1):
-        if settings["BATCH_SIZE"] % world_size:
-            raise UserError(f"batch size {settings['BATCH_SIZE']} does not split over {world_size} processes")
-        self.settings, self.device = settings, device
+    def __init__(self, model, images, labels, config, device, rank=0, world_size=1):
+        if config.batch_size % world_size:
+            raise UserError(f"batch size {config.batch_size} does not split over {world_size} processes")
+        self.config, self.device = config, device
         self.rank, self.world_size = rank, world_size
-        self.num_classes = data.dataset_spec(settings["DATASET"]).num_classes
-        self.format = memory_format(device, settings)
+        self.format = memory_format(device, config.channels_last)
         self.model = unwrap(model)
         if world_size > 1 and device.type == "cuda":
             # Each GPU sees BATCH_SIZE / world_size images. Synchronised BatchNorm normalises over the
@@ -318,21 +273,17 @@ class Trainer:
         self.model = self.model.to(device, memory_format=self.format)
         self.images = to_device(images, device)
         self.labels = to_device(labels, device)
-        self.criterion = losses.build_loss(settings["LOSS"], self.num_classes)
-        # The same SGD (momentum, dampening 0, L2 weight decay) in any implementation; tests check they
-        # agree. The default is PyTorch's multi-tensor (foreach) path on CUDA and the per-tensor loop on the
-        # CPU; benchmark.py --sgd-kernel fused|foreach|loop sets the private _SGD_KERNEL to compare them.
-        self.optimizer = build_optimizer(self.model.parameters(), settings, sgd_kernel(settings, device))
-        self.patch_size = settings.get("PATCH_SIZE", 0)
-        self.total_steps = data.steps_for(len(images), settings["BATCH_SIZE"], settings["EPOCHS"])
-        self.plan = self.draw_plan(len(images), settings["BATCH_SIZE"] // world_size)
+        self.criterion = losses.build_loss(config.loss, self.model.num_classes)
+        self.optimizer = build_optimizer(self.model.parameters(), config, device)
+        self.total_steps = data.steps_for(len(images), config.batch_size, config.epochs)
+        self.plan = self.draw_plan(len(images), config.batch_size // world_size)
         self.step_count = 0
         wrapped = self.model
         if world_size > 1:
             ids = [device.index] if device.type == "cuda" else None
             wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
         self.eager_forward = wrapped
-        self.forward = maybe_compile(wrapped, settings["COMPILE"])
+        self.forward = maybe_compile(wrapped, config.compile)
         self.compile_pending = self.forward is not wrapped
 
     def draw_plan(self, num_images, batch_size):
@@ -340,18 +291,18 @@ class Trainer:
         each step sees (this rank's shard) and their augmentation parameters. A step then only slices
         device tensors, so it never stalls the host on a host-to-GPU copy, and a seed gives the same run
         on every device."""
-        seed, steps = self.settings["SEED"], self.total_steps
+        seed, steps, augment = self.config.seed, self.total_steps, self.config.augment
         stream = data.BatchStream(num_images, batch_size, seed, self.rank, self.world_size)
         indices = torch.stack([stream.next() for _ in range(steps)])
         generator = torch.Generator().manual_seed(seed * 1000 + self.rank)
-        theta, hsv = data.draw_augmentation(steps * batch_size, generator, geometric=self.settings["AUGMENT"],
-                                            colour=self.settings["AUGMENT"])
+        theta, hsv = data.draw_augmentation(steps * batch_size, generator, geometric=augment, colour=augment)
         plan = {"indices": indices, "theta": theta.view(steps, batch_size, 2, 3),
                 "hsv": hsv.view(steps, batch_size, 3)}
-        if self.patch_size:
+        patch = self.config.patch_size
+        if patch:
             height, width = self.images.shape[-2:]
-            centres = data.random_crop_centres(steps * batch_size, self.patch_size, height, width, generator)
-            plan["theta"] = data.crop_affine(plan["theta"].view(-1, 2, 3), centres, self.patch_size, height,
+            centres = data.random_crop_centres(steps * batch_size, patch, height, width, generator)
+            plan["theta"] = data.crop_affine(plan["theta"].view(-1, 2, 3), centres, patch, height,
                                              width).view(steps, batch_size, 2, 3)
         return {key: to_device(value, self.device) for key, value in plan.items()}
 
@@ -361,17 +312,17 @@ class Trainer:
         index = self.plan["indices"][step]
         images = self.images[index].float() / 255
         labels = self.labels[index]
-        if self.patch_size:  # the crop is one resampling with the augmentation (identity when it is off)
+        if self.config.patch_size:  # the crop is one resampling with the augmentation (identity when off)
             images, labels = data.apply_augmentation(images, labels, self.plan["theta"][step],
-                                                     self.plan["hsv"][step], out_size=self.patch_size)
-        elif self.settings["AUGMENT"]:
+                                                     self.plan["hsv"][step], out_size=self.config.patch_size)
+        elif self.config.augment:
             images, labels = data.apply_augmentation(images, labels, self.plan["theta"][step],
                                                      self.plan["hsv"][step])
         images = data.normalize(images).contiguous(memory_format=self.format)
         return images, labels.long()
 
     def forward_backward(self, forward, images, labels):
-        with autocast(self.device, self.settings["AMP"]):
+        with autocast(self.device, self.config.amp):
             logits = forward(images)
         loss = self.criterion(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
@@ -397,8 +348,8 @@ class Trainer:
 
     def step(self):
         """One optimisation step; returns the loss as a tensor (no host sync)."""
-        lr = poly_lr(self.settings["LR"], self.step_count, self.total_steps, self.settings["POLY_POWER"],
-                     self.settings.get("WARMUP_STEPS", 0))
+        lr = poly_lr(self.config.lr, self.step_count, self.total_steps, self.config.poly_power,
+                     self.config.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         images, labels = self.batch()
@@ -420,103 +371,7 @@ class Trainer:
         image = self.images[:1].float() / 255
         height, width = image.shape[-2:]
         padded = data.pad_to_square(image, data.padded_side(height, width))
-        probs = predict(self.model, data.normalize(padded), self.device, tta=False, amp=self.settings["AMP"],
+        probs = predict(self.model, data.normalize(padded), self.device, tta=False, amp=self.config.amp,
                         fmt=self.format)[..., :height, :width]
         return image[0].cpu(), self.labels[0].cpu(), probs[0].cpu()
 
-
-# --------------------------------------------------------------------------------------------
-# Inference
-# --------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def predict(model, images, device, tta=True, amp=True, fmt=torch.contiguous_format, images_per_batch=4):
-    """Class probabilities (N, K, H, W) for normalised images (N, 3, H, W).
-
-    With `tta`, every image is seen in all 8 dihedral variants; the variants of `images_per_batch`
-    images go through the network in one forward pass, each prediction is mapped back and the 8 are
-    averaged (the paper's test-time augmentation).
-    """
-    model.eval()
-    variants = range(8) if tta else range(1)
-    results = []
-    for chunk in images.split(images_per_batch):
-        chunk = chunk.to(device, non_blocking=True)
-        batch = torch.cat([data.dihedral(chunk, k) for k in variants]).contiguous(memory_format=fmt)
-        with autocast(device, amp):
-            logits = model(batch)
-        probs = networks.probabilities(logits.float()).split(len(chunk))
-        restored = torch.stack([data.undo_dihedral(view, k) for view, k in zip(probs, variants)])
-        results.append(restored.mean(0))
-    return torch.cat(results)
-
-
-# --------------------------------------------------------------------------------------------
-# Visdom
-# --------------------------------------------------------------------------------------------
-
-class VisdomLogger:
-    """Loss / LR curves and a sample (image, label, prediction) in a visdom environment.
-
-    When no server answers, says so once and turns into a no-op, so training never depends on it.
-    """
-
-    def __init__(self, server, port, env, enabled=True):
-        self.env, self.viz = env, None
-        if not enabled:
-            return
-        try:
-            import logging
-
-            from visdom import Visdom
-            logging.getLogger("visdom").setLevel(logging.CRITICAL)
-            viz = Visdom(server=server, port=port, env=env, raise_exceptions=True, use_incoming_socket=False)
-            if viz.check_connection(timeout_seconds=2):
-                self.viz = viz
-        except Exception:  # visdom raises bare ConnectionErrors of several kinds
-            self.viz = None
-        if self.viz is None:
-            print(f"notice: no visdom server at {server}:{port}; training goes on without live plots "
-                  f"(start one with `python -m visdom.server`)", file=sys.stderr)
-
-    def scalar(self, window, step, value):
-        if self.viz is None:
-            return
-        try:
-            update = "append" if self.viz.win_exists(window, env=self.env) else None
-            self.viz.line(X=[step], Y=[value], win=window, env=self.env, update=update,
-                          opts={"title": window, "xlabel": "step"})
-        except Exception:
-            self._lost()
-
-    def sample(self, image, label, probs):
-        """Image, label and prediction side by side (the prediction is the foreground probability,
-        or the argmax class scaled to grey for multi-class)."""
-        if self.viz is None:
-            return
-        if probs.shape[0] == 1:
-            shown = probs[0]
-        else:
-            shown = probs.argmax(0).float() / max(1, probs.shape[0] - 1)
-        grey = label.float() / max(1, int(label.max()))
-        tiles = torch.stack([image, grey.expand(3, -1, -1), shown.expand(3, -1, -1)])
-        try:
-            self.viz.images(tiles.clamp(0, 1), nrow=3, win="sample", env=self.env,
-                            opts={"title": "image | label | prediction"})
-        except Exception:
-            self._lost()
-
-    def _lost(self):
-        print("notice: lost the visdom server; training goes on without live plots", file=sys.stderr)
-        self.viz = None
-
-
-def write_json(path, payload):
-    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-
-
-def timed():
-    """A monotonic clock that waits for queued GPU work first, so timings are real."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UserError
+from errors import UserError
+from networks import probabilities
 
 LOSSES = ("dice", "bce", "ce", "dice_bce")
 
@@ -63,10 +64,9 @@ def probabilities_and_one_hot(logits, target):
     K = 1: p = sigmoid(logits) and g = target, one foreground channel (C = 1).
     K >= 2: p = softmax(logits, dim=1) and g = one_hot(target), all K classes (C = K).
     """
-    logits = logits.float()
+    probs = probabilities(logits.float())
     if logits.shape[1] == 1:
-        return torch.sigmoid(logits), target.unsqueeze(1).float()
-    probs = torch.softmax(logits, dim=1)
+        return probs, target.unsqueeze(1).float()
     one_hot = torch.zeros_like(probs).scatter_(1, target.long().unsqueeze(1), 1.0)
     return probs, one_hot
 

@@ -6,6 +6,8 @@
 * Retinal OCT layers: ``boundary_positions``, ``boundary_mae``.
 * Per-image dicts to mean and std: ``summarize``.
 
+Which of these a dataset reports, and how, is its task module's business (tasks/).
+
 Threshold-free and count-based metrics work on torch tensors (CPU or CUDA) and accept
 NumPy arrays; the label-image metrics run in NumPy / scikit-image and accept either.
 """
@@ -16,10 +18,22 @@ import torch
 from skimage.measure import label as connected_components
 from skimage.morphology import thin as thin_to_one_pixel
 
-__all__ = [
-    "roc_curve", "roc_auc", "binary_metrics", "overlap_error", "dice_coefficient", "rand_info_scores",
-    "boundary_positions", "boundary_mae", "summarize",
-]
+def as_device_tensor(array, device):
+    """A NumPy array (any layout) as a tensor on `device`."""
+    return torch.as_tensor(np.ascontiguousarray(array), device=device)
+
+
+def foreground_mask(prob, threshold):
+    """Binary prediction of a one-channel probability map (1, H, W), as a NumPy bool array."""
+    return (prob[0] > threshold).cpu().numpy()
+
+
+def thin_curve(fpr, tpr, points=2000):
+    """At most `points` ROC points for plotting; the exact curve can have one per distinct score."""
+    step = max(1, len(fpr) // points)
+    keep = torch.cat([torch.arange(0, len(fpr), step, device=fpr.device),
+                      torch.tensor([len(fpr) - 1], device=fpr.device)])
+    return fpr[keep].cpu().numpy(), tpr[keep].cpu().numpy()
 
 
 def _as_tensor(x):
@@ -299,10 +313,10 @@ def boundary_mae(pred_labels, gt_labels, num_classes):
         raise ValueError(f"pred_labels and gt_labels must have the same shape, got "
                          f"{pred_labels.shape} and {gt_labels.shape}")
     errors = np.abs(boundary_positions(pred_labels, num_classes) - boundary_positions(gt_labels, num_classes))
-    return _nanmean_rows(errors)
+    return nanmean_rows(errors)
 
 
-def _nanmean_rows(values):
+def nanmean_rows(values):
     # np.nanmean warns on an all-NaN row; an absent boundary is expected, not alarming.
     valid = ~np.isnan(values)
     counts = valid.sum(axis=1)
@@ -332,106 +346,3 @@ def summarize(rows):
         else:
             summary[name] = {"mean": float(values.mean()), "std": float(values.std())}
     return summary
-
-
-# --------------------------------------------------------------------------------------------
-# Per-task evaluation: what test.py reports for each kind of dataset (data.DatasetSpec.task)
-# --------------------------------------------------------------------------------------------
-
-def _as_device_tensor(array, device):
-    return torch.as_tensor(np.ascontiguousarray(array), device=device)
-
-
-def _thin_curve(fpr, tpr, points=2000):
-    """At most `points` ROC points for plotting; the exact curve can have one per distinct score."""
-    step = max(1, len(fpr) // points)
-    keep = torch.cat([torch.arange(0, len(fpr), step, device=fpr.device),
-                      torch.tensor([len(fpr) - 1], device=fpr.device)])
-    return fpr[keep].cpu().numpy(), tpr[keep].cpu().numpy()
-
-
-def evaluate_vessel(prob, sample, threshold):
-    """DRIVE-style scoring: AUC, Acc, Sen, Spe, F1 over the whole image and inside the FOV mask.
-
-    The FOV figures are the field's standard; whole-image figures count the easy black border
-    as true negatives and run higher. Returns the row and the inside-FOV ROC curve for plotting.
-    """
-    foreground = prob[0].float()
-    label = _as_device_tensor(sample.label > 0, foreground.device)
-    fov = (_as_device_tensor(sample.fov, foreground.device) if sample.fov is not None
-           else torch.ones_like(label))
-    row = {f"whole {key}": value for key, value in binary_metrics(foreground, label, None, threshold).items()}
-    inside, (fpr, tpr) = binary_metrics_and_roc(foreground, label, fov, threshold)
-    row.update({f"FOV {key}": value for key, value in inside.items()})
-    return row, (*_thin_curve(fpr, tpr), row["FOV AUC"])
-
-
-def _foreground_mask(prob, threshold):
-    """Binary prediction of a one-channel probability map, as a NumPy bool array."""
-    return (prob[0] > threshold).cpu().numpy()
-
-
-def evaluate_disc(prob, sample, threshold):
-    """Optic disc (paper, Table I): overlap error E and Dice against the ground truth and, where the
-    dataset has several experts (RIM-ONE), E against each expert's own mask as well."""
-    predicted, truth = _foreground_mask(prob, threshold), sample.label > 0
-    row = {"E": overlap_error(predicted, truth), "Dice": dice_coefficient(predicted, truth)}
-    for number, expert in enumerate(sample.experts if sample.experts is not None else (), start=1):
-        row[f"E expert{number}"] = overlap_error(predicted, expert)
-    return row, None
-
-
-def evaluate_lung(prob, sample, threshold):
-    """Lung CT (paper, Table III): overlap error E, accuracy and sensitivity over the whole slice."""
-    predicted, truth = _foreground_mask(prob, threshold), sample.label > 0
-    counts = threshold_metrics(prob[0].float(), _as_device_tensor(truth, prob.device), None, threshold)
-    return {"E": overlap_error(predicted, truth), "Acc": counts["Acc"], "Sen": counts["Sen"]}, None
-
-
-def evaluate_cell(prob, sample, threshold):
-    """EM cell contours (paper, Table IV): V^Rand and V^Info of the membrane map (probability above
-    the threshold) against the labelled membranes, both thinned as in the ISBI 2012 challenge."""
-    return rand_info_scores(_foreground_mask(prob, threshold), sample.label == 1), None
-
-
-def evaluate_oct(prob, sample, threshold):
-    """Retinal OCT layers (paper, Table V): mean absolute error in pixels of each of the K - 1 layer
-    boundaries of the predicted class map (argmax), and their mean. The threshold plays no part."""
-    predicted = prob.argmax(0).cpu().numpy()
-    errors = boundary_mae(predicted, sample.label, prob.shape[0])
-    row = {f"MAE b{number}": float(error) for number, error in enumerate(errors, start=1)}
-    row["MAE mean"] = float(_nanmean_rows(errors[None])[0])
-    return row, None
-
-
-TASKS = {
-    "vessel": evaluate_vessel,
-    "disc": evaluate_disc,
-    "lung": evaluate_lung,
-    "cell": evaluate_cell,
-    "oct": evaluate_oct,
-}
-
-TASK_NOTES = {
-    "vessel": "Metrics at the original resolution against the 1st annotator, probability threshold for "
-              "Acc/Sen/Spe/F1 as stated; 'whole' counts every pixel, 'FOV' only pixels inside the "
-              "field-of-view mask (the field's standard).",
-    "disc": "Optic disc (paper Table I): overlap error E = 1 - |S∩G|/|S∪G| and Dice of the thresholded "
-            "prediction on the evaluated image (the 800 x 800 disc crop for ORIGA and Messidor); for RIM-ONE "
-            "the ground truth is the experts' majority vote and 'E expertN' scores against expert N alone.",
-    "lung": "Lung CT (paper Table III): overlap error E, accuracy and sensitivity of the thresholded "
-            "prediction over every pixel of the slice at its original resolution.",
-    "cell": "EM cell contours (paper Table IV): foreground-restricted V^Rand and V^Info of the ISBI 2012 "
-            "challenge; predicted membrane = probability above the threshold, both membrane maps thinned "
-            "to one pixel, segments = 4-connected regions between membranes.",
-    "oct": "Retinal OCT layers (paper Table V): mean absolute error in pixels of the row of each layer "
-           "boundary per column, b1 = ILM (top) ... b10 = BM/choroid (bottom), from the argmax class map; "
-           "'MAE mean' averages the boundaries.",
-}
-
-
-def evaluate(task, prob, sample, threshold=0.5):
-    """Score one prediction: `prob` (K, H, W) probabilities at the sample's native size.
-
-    Returns (row of named floats, ROC curve (fpr, tpr, auc) or None)."""
-    return TASKS[task](prob, sample, threshold)

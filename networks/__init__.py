@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from cli import UserError
+from errors import UserError
 from networks.cenet import CENet
 from networks.unet import UNet
 
@@ -59,8 +59,10 @@ def probabilities(logits):
 # Encoder weights
 # ---------------------------------------------------------------------------------------------
 
-# Wrappers added by DataParallel/DDP, torch.compile and our own CE-Net checkpoints.
-_KEY_PREFIXES = ("module.", "_orig_mod.", "encoder.")
+# Key prefixes added by DataParallel/DDP and torch.compile; encoder weights may also sit under our own
+# CE-Net's "encoder." when taken from one of its checkpoints.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_KEY_PREFIXES = WRAPPER_PREFIXES + ("encoder.",)
 _WRAPPER_KEYS = ("state_dict", "model")
 
 

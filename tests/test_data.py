@@ -4,16 +4,17 @@ import torch
 from PIL import Image
 
 import data
-from cli import UserError
+import tasks
+from errors import UserError
 
 
-def settings_for(root, **extra):
-    return {"DATASET": "drive", "DATA_ROOT": str(root), **extra}
+def drive_split(root, split):
+    return tasks.load_split("drive", root, split, tasks.SplitOptions())
 
 
 def test_drive_reader_real_files(drive_root):
-    train = data.load_split(settings_for(drive_root), "train")
-    test = data.load_split(settings_for(drive_root), "test")
+    train = drive_split(drive_root, "train")
+    test = drive_split(drive_root, "test")
     assert len(train) == 20 and len(test) == 20
     sample = test[0]
     assert sample.name == "01"
@@ -26,7 +27,7 @@ def test_drive_reader_real_files(drive_root):
 
 
 def test_stack_resizes_and_keeps_labels_binary(small_drive):
-    samples = data.load_split(settings_for(small_drive), "train")
+    samples = drive_split(small_drive, "train")
     images, labels = data.stack_samples(samples, 96, num_classes=1)
     assert images.shape == (2, 3, 96, 96) and images.dtype == torch.uint8
     assert labels.shape == (2, 96, 96) and set(labels.unique().tolist()) == {0, 1}
@@ -96,7 +97,7 @@ def test_augmentation_moves_label_with_image():
 
 
 def test_augmentation_is_seeded_and_keeps_range(small_drive):
-    samples = data.load_split(settings_for(small_drive), "train")
+    samples = drive_split(small_drive, "train")
     images, labels = data.stack_samples(samples, 64, num_classes=1)
     images = images.float() / 255
     first = data.augment(images, labels, torch.Generator().manual_seed(7))
@@ -128,13 +129,13 @@ def test_batch_stream_covers_every_image_each_epoch():
 
 def test_missing_root_names_source(tmp_path):
     with pytest.raises(UserError, match="does not exist.*drive.grand-challenge"):
-        data.load_split(settings_for(tmp_path / "nowhere"), "train")
+        drive_split(tmp_path / "nowhere", "train")
 
 
 def test_wrong_layout_names_missing_folder(tmp_path):
     (tmp_path / "training" / "images").mkdir(parents=True)
     with pytest.raises(UserError, match="1st_manual"):
-        data.load_split(settings_for(tmp_path), "train")
+        drive_split(tmp_path, "train")
 
 
 def test_missing_label_names_file(small_drive, tmp_path):
@@ -143,7 +144,7 @@ def test_missing_label_names_file(small_drive, tmp_path):
     shutil.copytree(small_drive, root)
     (root / "training" / "1st_manual" / "22_manual1.gif").unlink()
     with pytest.raises(UserError, match="22_manual1.gif"):
-        data.load_split(settings_for(root), "train")
+        drive_split(root, "train")
 
 
 def test_truncated_image(small_drive, tmp_path):
@@ -153,7 +154,7 @@ def test_truncated_image(small_drive, tmp_path):
     path = root / "training" / "images" / "21_training.tif"
     path.write_bytes(path.read_bytes()[:3000])
     with pytest.raises(UserError, match="cannot read image .*21_training.tif"):
-        data.load_split(settings_for(root), "train")
+        drive_split(root, "train")
 
 
 def test_size_mismatch(small_drive, tmp_path):
@@ -162,4 +163,4 @@ def test_size_mismatch(small_drive, tmp_path):
     shutil.copytree(small_drive, root)
     Image.new("L", (100, 100)).save(root / "training" / "1st_manual" / "21_manual1.gif")
     with pytest.raises(UserError, match="size mismatch"):
-        data.load_split(settings_for(root), "train")
+        drive_split(root, "train")

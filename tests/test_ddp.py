@@ -1,8 +1,8 @@
 """Data-parallel training under torchrun, for real: 2 processes (gloo on the CPU) on 2 DRIVE images.
 
 The test launches this same file under `python -m torch.distributed.run`; run that way (the bottom of
-the file) each process runs main.train exactly as `torchrun main.py` would, with one addition: it
-records the Trainer that main.train builds, and after training the processes exchange digests of their
+the file) each process runs training.train exactly as `torchrun main.py` would, with one addition: it
+records the Trainer that training.train builds, and after training the processes exchange digests of their
 weights and the image indices they trained on. Identical weights after steps on different images can
 only come from gradients averaged across the processes.
 """
@@ -73,12 +73,14 @@ def test_two_processes_train_one_model(small_drive, tmp_path):
 
 
 def worker(report, argv):
-    """One torchrun process: main.train, then an exchange of what each process ended with."""
+    """One torchrun process: training.train, then an exchange of what each process ended with."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch.distributed as dist
 
+    import devices
     import framework
     import main
+    import training
 
     trainers = []
 
@@ -94,9 +96,9 @@ def worker(report, argv):
         def indices(self):
             return self.plan["indices"][:self.step_count].tolist()
 
-    framework.Trainer = RecordingTrainer  # main.train looks the class up when it runs
+    framework.Trainer = RecordingTrainer  # training.train looks the class up when it runs
     try:
-        main.train(main.parse_settings(argv))
+        training.train(main.parse_settings(argv))
         trainer = trainers[0]
         mine = {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "indices": trainer.indices,
                 "initial": trainer.initial, "weights": digests(framework.unwrap(trainer.model).state_dict())}
@@ -104,9 +106,9 @@ def worker(report, argv):
         dist.all_gather_object(everyone, mine)
         if dist.get_rank() == 0:
             Path(report).write_text(json.dumps(everyone))
-        framework.close_distributed()
+        devices.close_distributed()
     finally:
-        framework.close_distributed(finished=False)
+        devices.close_distributed(finished=False)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Checkpoints, command-line constants, run folders and the LR schedule."""
+"""Checkpoints, command-line constants and their ranges, recipes, run folders and the LR schedule."""
 import argparse
 
 import pytest
@@ -6,12 +6,15 @@ import torch
 
 import cli
 import constants
+import devices
+import evaluation
 import framework
 import networks
-from cli import UserError
+import recipes
+from errors import UserError
 
 
-def settings(**overrides):
+def parsed(**overrides):
     parser = cli.add_constant_flags(argparse.ArgumentParser())
     argv = []
     for key, value in overrides.items():
@@ -19,19 +22,73 @@ def settings(**overrides):
     return cli.settings_from(parser.parse_args(argv))
 
 
+def settings(**overrides):
+    return parsed(**overrides)[0]
+
+
 def test_every_constant_is_a_flag_with_its_type():
-    parsed = settings(IMAGE_SIZE=576, LR=0.01, AMP="false", MODEL="unet")
-    assert parsed["IMAGE_SIZE"] == 576 and parsed["LR"] == 0.01 and parsed["AMP"] is False
-    assert parsed["MODEL"] == "unet" and parsed["EPOCHS"] == constants.EPOCHS
-    assert parsed["_OVERRIDDEN"] == ["AMP", "IMAGE_SIZE", "LR", "MODEL"]
+    values, given = parsed(IMAGE_SIZE=576, LR=0.01, AMP="false", MODEL="unet")
+    assert values["IMAGE_SIZE"] == 576 and values["LR"] == 0.01 and values["AMP"] is False
+    assert values["MODEL"] == "unet" and values["EPOCHS"] == constants.EPOCHS
+    assert given == {"AMP", "IMAGE_SIZE", "LR", "MODEL"}
+    assert not any(key.startswith("_") for key in values)
     with pytest.raises(SystemExit):
         settings(AMP="maybe")
+
+
+def test_a_recipe_sits_between_constants_and_flags():
+    values, given = parsed(RECIPE="cpu", EPOCHS=7)
+    assert values["PATCH_SIZE"] == recipes.RECIPES["cpu"]["PATCH_SIZE"] and values["OPTIMIZER"] == "adamw"
+    assert values["EPOCHS"] == 7 and given == {"RECIPE", "EPOCHS"}
+    assert settings()["OPTIMIZER"] == constants.OPTIMIZER
+    with pytest.raises(UserError, match="unknown recipe 'fast'"):
+        settings(RECIPE="fast")
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("BATCH_SIZE", 0, "--batch-size 0 is out of range: it must be at least 1"),
+    ("EPOCHS", -1, "--epochs -1 is out of range"),
+    ("LOG_EVERY", 0, "--log-every 0 is out of range"),
+    ("LR", -1, "--lr -1.0 is out of range: it must be greater than 0"),
+    ("THRESHOLD", 1.5, "--threshold 1.5 is out of range: it must be strictly between 0 and 1"),
+    ("IMAGE_SIZE", 100, "--image-size 100 is out of range: it must be a positive multiple of 32"),
+    ("PATCH_SIZE", 50, "--patch-size 50 is out of range"),
+    ("RUN_NAME", "a/b", "must be a plain folder name"),
+])
+def test_flags_out_of_range_are_one_user_error(flag, value, words):
+    with pytest.raises(UserError) as caught:
+        settings(**{flag: value})
+    assert words in str(caught.value)
 
 
 def test_poly_schedule_matches_formula():
     assert framework.poly_lr(4e-3, 0, 100, 0.9) == 4e-3
     assert framework.poly_lr(4e-3, 50, 100, 0.9) == pytest.approx(4e-3 * 0.5 ** 0.9)
     assert framework.poly_lr(4e-3, 100, 100, 0.9) == 0.0
+
+
+def test_warm_up_ramps_linearly_then_joins_the_poly_decay():
+    assert framework.poly_lr(2e-3, 0, 100, 0.9, warmup_steps=10) == pytest.approx(2e-4)
+    assert framework.poly_lr(2e-3, 4, 100, 0.9, warmup_steps=10) == pytest.approx(2e-3 * 0.5 * 0.96 ** 0.9)
+    assert framework.poly_lr(2e-3, 9, 100, 0.9, warmup_steps=10) == pytest.approx(2e-3 * 0.91 ** 0.9)
+    assert framework.poly_lr(2e-3, 50, 100, 0.9, warmup_steps=10) == framework.poly_lr(2e-3, 50, 100, 0.9)
+
+
+def test_optimizer_choice():
+    parameters = [torch.nn.Parameter(torch.zeros(2))]
+    cpu = torch.device("cpu")
+    adamw = framework.build_optimizer(parameters, framework.TrainConfig(optimizer="adamw", lr=1e-3), cpu)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["weight_decay"] == 1e-4
+    sgd = framework.build_optimizer(parameters, framework.TrainConfig(), cpu)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    with pytest.raises(UserError, match="unknown optimizer"):
+        framework.build_optimizer(parameters, framework.TrainConfig(optimizer="lion"), cpu)
+
+
+def test_train_config_reads_the_constants_it_needs():
+    config = framework.TrainConfig.from_settings(settings(RECIPE="cpu"), sgd_kernel="loop")
+    assert (config.patch_size, config.optimizer, config.loss) == (256, "adamw", "dice_bce")
+    assert config.sgd_kernel == "loop" and config.batch_size == constants.BATCH_SIZE
 
 
 def test_clean_state_dict_strips_any_wrapper_prefix():
@@ -55,7 +112,7 @@ def test_checkpoint_round_trip_whatever_the_wrapper(tmp_path, wrap):
     path = framework.save_checkpoint(tmp_path / "final.pth", saved, config, step=3)
     payload = torch.load(path, weights_only=True)
     assert all(not key.startswith(("module.", "_orig_mod.")) for key in payload["state_dict"])
-    loaded, merged, _ = framework.model_from_checkpoint(path, settings())
+    loaded, merged, _ = evaluation.load_model(path, settings(), frozenset())
     assert type(loaded).__name__ == type(model).__name__ and merged["MODEL"] == "backbone_rmp"
     assert merged["IMAGE_SIZE"] == 64
     for key, value in model.state_dict().items():
@@ -71,11 +128,18 @@ def test_checkpoint_refuses_to_overwrite(tmp_path):
     assert (tmp_path / "final.pth").read_bytes() == before
 
 
-def test_overrides_at_test_time_keep_checkpoint_settings(tmp_path):
+def test_model_settings_come_from_the_checkpoint_and_evaluation_settings_from_the_user(tmp_path, capsys):
     model = networks.build_model("unet")
-    framework.save_checkpoint(tmp_path / "final.pth", model, settings(MODEL="unet", IMAGE_SIZE=96, SEED=4))
-    _, merged, _ = framework.model_from_checkpoint(tmp_path / "final.pth", settings(THRESHOLD=0.3))
-    assert merged["IMAGE_SIZE"] == 96 and merged["SEED"] == 4 and merged["THRESHOLD"] == 0.3
+    trained = settings(MODEL="unet", IMAGE_SIZE=96, THRESHOLD=0.7, DEVICE="cuda", TTA="false")
+    framework.save_checkpoint(tmp_path / "final.pth", model, trained)
+    _, merged, _ = evaluation.load_model(tmp_path / "final.pth", *parsed(THRESHOLD=0.3))
+    assert merged["MODEL"] == "unet" and merged["IMAGE_SIZE"] == 96
+    assert merged["THRESHOLD"] == 0.3 and merged["DEVICE"] == constants.DEVICE and merged["TTA"] is True
+    _, merged, _ = evaluation.load_model(tmp_path / "final.pth", *parsed(IMAGE_SIZE=128))
+    assert merged["IMAGE_SIZE"] == 128
+    assert "evaluating with --image-size 128; the checkpoint was trained with 96" in capsys.readouterr().err
+    with pytest.raises(UserError, match="trained as model 'unet'"):
+        evaluation.load_model(tmp_path / "final.pth", *parsed(MODEL="cenet"))
 
 
 def test_new_run_dir_never_reuses(tmp_path):
@@ -98,5 +162,5 @@ def test_latest_checkpoint_and_its_absence(tmp_path):
 
 def test_bad_device_names():
     with pytest.raises(UserError, match="not understood"):
-        framework.select_device("tpu")
-    assert framework.select_device("cpu").type == "cpu"
+        devices.select_device("tpu")
+    assert devices.select_device("cpu").type == "cpu"

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from cli import UserError
+from errors import UserError
 from loss import LOSSES, BCELoss, CELoss, DiceBCELoss, DiceLoss, build_loss
 
 BIG = 30.0  # sigmoid(30) = 1 - 9.4e-14: a confident logit

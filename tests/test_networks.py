@@ -7,7 +7,7 @@ import torch.nn as nn
 import torchvision
 
 import networks
-from cli import UserError
+from errors import UserError
 from networks import MODELS, MODEL_TITLES, build_model, load_encoder_weights, probabilities
 from networks.cenet import CENet, DACBlock, DecoderBlock, RMPBlock
 

@@ -1,4 +1,6 @@
 """reproduce.py: the whole table at toy scale on 2+2 real DRIVE images, resuming, and its arithmetic."""
+import contextlib
+import io
 import json
 import math
 import re
@@ -6,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_script
+import reproduce
+import tables
+from errors import UserError
 
 # 2 recipes x (cenet with 2 seeds + backbone with 1) = 6 tiny CPU runs.
 TOY = ["--models", "cenet,backbone", "--recipes", "faithful,hires", "--seeds", "1", "--seeds-main", "2",
@@ -15,16 +19,22 @@ ROWS = {("faithful", "cenet"): 2, ("faithful", "backbone"): 1, ("hires", "cenet"
 METRIC_COLUMNS = [f"{group} {name}" for group in ("FOV", "whole") for name in ("AUC", "Acc", "Sen", "Spe", "F1")]
 
 
+def run_reproduce(args):
+    """reproduce.main in this process (what `python reproduce.py ARGS` runs); returns what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        reproduce.main([str(arg) for arg in args])
+    return printed.getvalue()
+
+
 @pytest.fixture(scope="module")
 def table(small_drive, tmp_path_factory):
     """The toy table, written by one call and then asked for again (which must skip everything)."""
     work = tmp_path_factory.mktemp("repro")
     args = [*TOY, "--data-root", small_drive, "--weights-dir", work / "weights", "--out", work / "results"]
-    first = run_script("reproduce.py", *args)
-    assert first.returncode == 0, first.stderr
+    first = run_reproduce(args)
     report_after_first = (work / "results" / "drive.json").read_text()
-    second = run_script("reproduce.py", *args)
-    assert second.returncode == 0, second.stderr
+    second = run_reproduce(args)
     out = work / "results"
     return {"work": work, "out": out, "first": first, "second": second, "first_json": report_after_first,
             "json": json.loads((out / "drive.json").read_text()), "md": (out / "drive.md").read_text()}
@@ -119,7 +129,7 @@ def test_protocol_is_spelled_out(table):
 
 
 def test_second_call_skips_every_finished_run(table):
-    first, second = table["first"].stdout, table["second"].stdout
+    first, second = table["first"], table["second"]
     assert first.count("] run ") == 6 and "ETA" in first and "[6/6] done" in first
     assert second.count("] skip ") == 6 and "] run " not in second
     assert "0 to run" in second
@@ -140,13 +150,6 @@ def test_best_cenet_figures_are_copied_and_linked(table):
         assert f"]({name})" in table["md"]
 
 
-def assert_one_line_error(result, pattern):
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert pattern in lines[0], lines[0]
-
-
 @pytest.mark.parametrize("args, pattern", [
     (["--models", "cenet,nope"], "unknown model 'nope'"),
     (["--recipes", "faithful,fast"], "unknown recipe 'fast'"),
@@ -155,17 +158,19 @@ def assert_one_line_error(result, pattern):
     (["--table", "stare"], "unknown table"),
     (["--image-size", "100"], "multiple of 32"),
 ])
-def test_bad_input_is_one_line(args, pattern, tmp_path):
-    assert_one_line_error(run_script("reproduce.py", "--dry-run", "--out", tmp_path, *args), pattern)
+def test_bad_input_is_a_user_error(args, pattern, tmp_path):
+    """Each is a UserError, which cli.run prints as one `error:` line (tests/test_scripts.py checks that)."""
+    with pytest.raises(UserError) as caught:
+        reproduce.main(["--dry-run", "--out", str(tmp_path), *args])
+    assert pattern in str(caught.value)
 
 
 def test_dry_run_plans_the_full_table_without_running(tmp_path):
-    result = run_script("reproduce.py", "--dry-run", "--out", tmp_path)
-    assert result.returncode == 0, result.stderr
+    printed = run_reproduce(["--dry-run", "--out", tmp_path])
     # 2 recipes x (6 ablation models x 3 seeds + cenet and unet x 5 seeds)
-    assert "plan: 56 runs" in result.stdout and "H100 estimate" in result.stdout
-    assert result.stdout.count("faithful/cenet seed") == 5 and result.stdout.count("faithful/backbone_rmp seed") == 3
-    assert "hires/unet seed 4: 576px, 1000 epochs" in result.stdout
+    assert "plan: 56 runs" in printed and "H100 estimate" in printed
+    assert printed.count("faithful/cenet seed") == 5 and printed.count("faithful/backbone_rmp seed") == 3
+    assert "hires/unet seed 4: 576px, 1000 epochs" in printed
     assert not list(tmp_path.iterdir())
 
 
@@ -180,11 +185,10 @@ def record(recipe, model, seed, auc, acc, epochs=300):
 
 
 def test_aggregate_by_hand():
-    import reproduce
     records = [record("faithful", "cenet", 0, 0.97, 0.95), record("faithful", "cenet", 1, 0.98, 0.96),
                record("faithful", "cenet", 2, 0.96, 0.94), record("faithful", "unet", 0, 0.90, 0.93),
                record("hires", "cenet", 0, 0.99, 0.97)]
-    rows = {(row["recipe"], row["model"]): row for row in reproduce.aggregate(records)}
+    rows = {(row["recipe"], row["model"]): row for row in tables.aggregate(records)}
     assert list(rows) == [("faithful", "cenet"), ("faithful", "unet"), ("hires", "cenet")]
     cenet = rows[("faithful", "cenet")]
     # mean (0.97 + 0.98 + 0.96) / 3 = 0.97; deviations 0, 0.01, -0.01 -> sqrt(0.0002 / 2) = 0.01
@@ -197,18 +201,17 @@ def test_aggregate_by_hand():
     assert cenet["encoder"] == "scratch" and cenet["wall_seconds"] == 30.0
     single = rows[("faithful", "unet")]["metrics"]["FOV AUC"]
     assert single == {"mean": pytest.approx(0.90), "std": None}  # one seed: no spread to claim
-    assert reproduce.cell(cenet["metrics"]["FOV AUC"]) == "0.9700 ± 0.0100"
-    assert reproduce.cell(single) == "0.9000"
-    assert reproduce.mean_std([None, 0.2, 0.4]) == {"mean": pytest.approx(0.3), "std": pytest.approx(math.sqrt(0.02))}
+    assert tables.cell(cenet["metrics"]["FOV AUC"]) == "0.9700 ± 0.0100"
+    assert tables.cell(single) == "0.9000"
+    assert tables.mean_std([None, 0.2, 0.4]) == {"mean": pytest.approx(0.3), "std": pytest.approx(math.sqrt(0.02))}
 
 
 def test_merge_replaces_a_seed_and_never_mixes_settings_in_a_row():
-    import reproduce
     records = [record("faithful", "cenet", 0, 0.97, 0.95), record("faithful", "cenet", 1, 0.98, 0.96),
                record("faithful", "unet", 0, 0.90, 0.93)]
-    merged, dropped = reproduce.merge(records, record("faithful", "cenet", 1, 0.99, 0.97))
+    merged, dropped = tables.merge(records, record("faithful", "cenet", 1, 0.99, 0.97))
     assert [r["metrics"]["FOV AUC"] for r in merged if r["model"] == "cenet"] == [0.97, 0.99] and len(dropped) == 1
-    merged, dropped = reproduce.merge(merged, record("faithful", "cenet", 0, 0.5, 0.5, epochs=1))
+    merged, dropped = tables.merge(merged, record("faithful", "cenet", 0, 0.5, 0.5, epochs=1))
     assert [(r["model"], r["seed"]) for r in merged] == [("unet", 0), ("cenet", 0)]
     assert len(dropped) == 2
 
@@ -217,13 +220,12 @@ def test_command_line_beats_recipe_and_names_each_run():
     import argparse
 
     import cli
-    import reproduce
     parser = cli.add_constant_flags(argparse.ArgumentParser())
-    base = cli.settings_from(parser.parse_args(["--image-size", "64"]))
-    hires = reproduce.run_settings(base, "hires", "unet", 3)
+    base, given = cli.settings_from(parser.parse_args(["--image-size", "64"]))
+    hires = reproduce.run_settings(base, given, "hires", "unet", 3)
     assert hires["IMAGE_SIZE"] == 64 and hires["EPOCHS"] == 1000 and hires["LOSS"] == "dice"
     assert hires["RUN_NAME"] == "repro_hires_unet_s3" and hires["SEED"] == 3 and hires["MODEL"] == "unet"
-    plain = reproduce.run_settings(cli.settings_from(parser.parse_args([])), "hires", "cenet", 0)
+    plain = reproduce.run_settings(*cli.settings_from(parser.parse_args([])), "hires", "cenet", 0)
     assert plain["IMAGE_SIZE"] == 576 and plain["VISDOM"] is False
     assert "MODEL" not in reproduce.experiment(plain) and "DEVICE" not in reproduce.experiment(plain)
     assert reproduce.experiment(plain)["EPOCHS"] == 1000

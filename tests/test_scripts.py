@@ -32,6 +32,7 @@ def test_training_writes_a_self_describing_checkpoint(trained):
     assert float(log[1].split(",")[2]) == pytest.approx(4e-3)                   # poly LR at step 0
     assert float(log[2].split(",")[2]) == pytest.approx(4e-3 * 0.5 ** 0.9, rel=1e-5)    # and at step 1 of 2
     assert "python test.py --checkpoint" in result.stdout
+    assert (work / "weights" / "tiny" / "training_curve.png").stat().st_size > 0
 
 
 def test_round_trip_through_test_script(trained, small_drive):
@@ -138,8 +139,8 @@ def test_auto_device_falls_back_with_notice(trained):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     _, _, result = trained  # TINY forces cpu; check the auto path directly instead
-    import framework
-    assert framework.select_device("auto").type == "cpu"
+    import devices
+    assert devices.select_device("auto").type == "cpu"
 
 
 def test_checkpoint_of_other_architecture(trained, small_drive):
@@ -178,11 +179,38 @@ def test_missing_checkpoint(tmp_path):
 
 
 def test_all_black_predictions_are_reported(trained, small_drive):
-    """No probability exceeds 1, so threshold 1.0 empties every mask: test.py must say so."""
+    """A head whose bias is -100 predicts background everywhere: test.py must say so, not pass it silently."""
+    import framework
+    import networks
     work, checkpoint, _ = trained
+    payload = torch.load(checkpoint, weights_only=True)
+    model = networks.build_model("cenet")
+    model.load_state_dict(payload["state_dict"])
+    with torch.no_grad():
+        model.head[-1].bias.fill_(-100.0)
+    black = framework.save_checkpoint(work / "black.pth", model, payload["settings"])
     out = work / "results_black"
-    result = run_script("test.py", "--checkpoint", checkpoint, "--data-root", small_drive, "--out", out,
-                        "--device", "cpu", "--threshold", "1.0")
+    result = run_script("test.py", "--checkpoint", black, "--data-root", small_drive, "--out", out,
+                        "--device", "cpu", "--tta", "false")
     assert result.returncode == 0, result.stderr
-    assert "warning: 2 of 2 predicted masks have no foreground at threshold 1.0 (01, 02)" in result.stderr
+    assert "warning: 2 of 2 predicted masks have no foreground at threshold 0.5 (01, 02)" in result.stderr
     assert json.loads((out / "metrics.json").read_text())["protocol"]["empty_predictions"] == ["01", "02"]
+
+
+def test_crop_training_round_trip_predicts_whole_native_images(small_drive, tmp_path):
+    """PATCH_SIZE: train on random crops of the native images, then test.py predicts each whole image at
+    native resolution (padded to a multiple of 32 and cut back) without being told anything."""
+    result = run_script("main.py", "--data-root", small_drive, "--weights-dir", tmp_path, "--run-name", "crops",
+                        *TINY, "--patch-size", "64", "--optimizer", "adamw", "--warmup-steps", "1",
+                        "--loss", "dice_bce", "--model", "backbone")
+    assert result.returncode == 0, result.stderr
+    assert "random 64px crops at native resolution" in result.stderr
+    out = tmp_path / "results"
+    result = run_script("test.py", "--checkpoint", tmp_path / "crops" / "final.pth", "--data-root", small_drive,
+                        "--out", out, "--tta", "false")
+    assert result.returncode == 0, result.stderr
+    protocol = json.loads((out / "metrics.json").read_text())["protocol"]
+    assert protocol["model"] == "backbone" and protocol["image_size"] is None
+    assert protocol["input"].startswith("whole image at native resolution")
+    from PIL import Image
+    assert Image.open(out / "01_prob.png").size == (565, 584)

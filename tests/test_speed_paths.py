@@ -7,8 +7,9 @@ import benchmark
 import cli
 import constants
 import framework
+import inference
 import networks
-from conftest import run_script
+from errors import UserError
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +30,7 @@ def cenet(seed=0):
 
 def settings_with(**overrides):
     settings = {name: getattr(constants, name) for name in cli.constant_names()}
-    settings.update(DEVICE="cpu", PRETRAINED="none", VISDOM=False, _OVERRIDDEN=[])
+    settings.update(DEVICE="cpu", PRETRAINED="none", VISDOM=False)
     settings.update(overrides)
     return settings
 
@@ -46,8 +47,8 @@ def test_channels_last_forward_matches_contiguous():
 
 def test_tta_batched_over_images_equals_one_image_at_a_time():
     model, images = cenet(), torch.randn(5, 3, 32, 32)  # 5: the last batch of 4 is a partial one
-    one = framework.predict(model, images, torch.device("cpu"), tta=True, images_per_batch=1)
-    four = framework.predict(model, images, torch.device("cpu"), tta=True, images_per_batch=4)
+    one = inference.predict(model, images, torch.device("cpu"), tta=True, images_per_batch=1)
+    four = inference.predict(model, images, torch.device("cpu"), tta=True, images_per_batch=4)
     assert four.shape == (5, 1, 32, 32)
     torch.testing.assert_close(four, one, rtol=1e-5, atol=1e-6)
 
@@ -67,12 +68,12 @@ def symmetric_conv(symmetric):
 def test_tta_of_a_flip_equivariant_model_is_its_plain_prediction():
     images, device = torch.randn(3, 3, 32, 32), torch.device("cpu")
     model = symmetric_conv(symmetric=True)
-    plain = framework.predict(model, images, device, tta=False)
-    torch.testing.assert_close(framework.predict(model, images, device, tta=True), plain, rtol=0, atol=1e-6)
+    plain = inference.predict(model, images, device, tta=False)
+    torch.testing.assert_close(inference.predict(model, images, device, tta=True), plain, rtol=0, atol=1e-6)
     # The same check can fail: an ordinary kernel is not flip-equivariant, and TTA changes its output.
     model = symmetric_conv(symmetric=False)
-    with_tta = framework.predict(model, images, device, tta=True)
-    assert (with_tta - framework.predict(model, images, device, tta=False)).abs().max() > 1e-3
+    with_tta = inference.predict(model, images, device, tta=True)
+    assert (with_tta - inference.predict(model, images, device, tta=False)).abs().max() > 1e-3
 
 
 @torch.no_grad()
@@ -151,7 +152,8 @@ def tiny_training(steps=2):
 def test_failed_compile_falls_back_to_the_eager_run(where, monkeypatch, capsys):
     settings = settings_with(BATCH_SIZE=2, EPOCHS=2, COMPILE=False)
     model, images, labels = tiny_training()
-    eager = framework.Trainer(model, images, labels, settings, torch.device("cpu"))
+    eager = framework.Trainer(model, images, labels, framework.TrainConfig.from_settings(settings),
+                              torch.device("cpu"))
     eager_losses = [eager.step().item() for _ in range(2)]
 
     broken = []
@@ -164,7 +166,8 @@ def test_failed_compile_falls_back_to_the_eager_run(where, monkeypatch, capsys):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     model, images, labels = tiny_training()
-    trainer = framework.Trainer(model, images, labels, {**settings, "COMPILE": True}, torch.device("cpu"))
+    trainer = framework.Trainer(model, images, labels, framework.TrainConfig.from_settings(settings, compile=True),
+                                torch.device("cpu"))
     losses = [trainer.step().item() for _ in range(2)]
 
     notices = [line for line in capsys.readouterr().err.splitlines() if "torch.compile unavailable" in line]
@@ -189,12 +192,11 @@ def figures_in(output):
     return rows
 
 
-def test_benchmark_runs_and_prints_its_figures(small_drive):
-    result = run_script("benchmark.py", "--device", "cpu", "--image-size", "64", "--batch-size", "2",
-                        "--steps", "2", "--warmup", "1", "--data-root", small_drive,
-                        env={"OMP_NUM_THREADS": "1"})  # see one_thread
-    assert result.returncode == 0, result.stderr
-    figures = figures_in(result.stdout)
+def test_benchmark_runs_and_prints_its_figures(small_drive, capsys):
+    benchmark.main(["--device", "cpu", "--image-size", "64", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+                    "--data-root", str(small_drive)])
+    stdout = capsys.readouterr().out
+    figures = figures_in(stdout)
     assert figures["peak GPU memory, training (GiB)"] == "n/a"
     numbers = {name: float(value) for name, value in figures.items() if value != "n/a"}
     for name in ("train throughput (img/s)", "train step (ms)", "inference throughput, no TTA (img/s)",
@@ -203,13 +205,13 @@ def test_benchmark_runs_and_prints_its_figures(small_drive):
         assert numbers[name] > 0, name
     projected = [name for name in numbers if name.startswith("projected main.py run, 300 steps")]
     assert projected and numbers[projected[0]] > 0  # 300 epochs of ceil(2 images / batch 2) steps
-    assert "fp32, NCHW, eager, batch 2" in result.stdout
+    assert "fp32, NCHW, eager, batch 2" in stdout
 
 
 @pytest.mark.parametrize("flags", [["--steps", "0"], ["--warmup", "-1"], ["--compare-batches", "8"],
                                    ["--compare-batches", "0,32"]])
 def test_benchmark_bad_flags_are_user_errors(flags):
-    with pytest.raises(cli.UserError):
+    with pytest.raises(UserError):
         benchmark.parse_args(flags)
 
 

@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-import constants
-import data
 import fixtures
-import metrics
-from cli import UserError
+import tasks
 from conftest import TINY, run_script
+from errors import UserError
+from tasks.em_cells import score_cells
+from tasks.files import read_binary_label, read_class_map
+from tasks.lung import score_lung
+from tasks.oct import score_layers
+from tasks.optic_disc import crop_around_brightest, score_disc
+from tasks.splits import SplitOptions, fold_names, natural_key
 
 
-def settings_for(dataset, root, **extra):
-    settings = {name: getattr(constants, name) for name in dir(constants) if name.isupper()}
-    return {**settings, "DATASET": dataset, "DATA_ROOT": str(root), **extra}
-
-
-def load(dataset, root, split, **extra):
-    return data.load_split(settings_for(dataset, root, **extra), split)
+def load(dataset, root, split, **settings):
+    """A split read with the given settings (FOLD=..., CROP_SIZE=...) and the defaults for the rest."""
+    return tasks.load_split(dataset, root, split, SplitOptions(**{key.lower(): value for key, value in settings.items()}))
 
 
 def assert_one_line_error(result, pattern):
@@ -59,7 +59,7 @@ def test_train_and_evaluate_each_dataset(dataset, tmp_path):
     assert trained.returncode == 0, trained.stderr
     checkpoint = tmp_path / "weights" / dataset / "final.pth"
     payload = torch.load(checkpoint, weights_only=True)
-    assert payload["dataset"] == dataset and payload["num_classes"] == data.DATASETS[dataset].num_classes
+    assert payload["dataset"] == dataset and payload["num_classes"] == tasks.DATASETS[dataset].num_classes
 
     # No --dataset or --data-root here: test.py takes both from the checkpoint.
     out = tmp_path / "results"
@@ -69,7 +69,7 @@ def test_train_and_evaluate_each_dataset(dataset, tmp_path):
     expected_names = {sample.name for sample in load(dataset, root, "test")}
     assert set(report["per_image"]) == expected_names
     assert list(report["summary"]) == list(ranges)
-    assert report["protocol"]["evaluation"] == metrics.TASK_NOTES[data.DATASETS[dataset].task]
+    assert report["protocol"]["evaluation"] == tasks.DATASETS[dataset].notes
     for key, (low, high) in ranges.items():
         mean = report["summary"][key]["mean"]
         if dataset == "oct" and math.isnan(mean):
@@ -112,7 +112,7 @@ def test_crop_centres_on_the_bright_blob_not_a_hot_pixel():
     image[fixtures.disc_mask(200, 300, (120, 90), 12)] = 200
     image[30, 250] = 255                       # one hot pixel, brighter than the blob
     label = fixtures.disc_mask(200, 300, (120, 90), 12).astype(np.uint8)
-    crop, crop_label = data.crop_around_brightest(image, label, size=64)
+    crop, crop_label = crop_around_brightest(image, label, size=64)
     assert crop.shape == (64, 64, 3) and crop_label.shape == (64, 64)
     rows, columns = np.nonzero(crop_label)
     assert abs(rows.mean() - 32) <= 1 and abs(columns.mean() - 32) <= 1
@@ -124,7 +124,7 @@ def test_crop_window_stays_inside_the_image():
     image[fixtures.disc_mask(200, 300, (195, 295), 8)] = 250
     label = np.zeros((200, 300), np.uint8)
     label[136:, 236:] = 1                      # exactly the bottom-right 64 x 64 window
-    crop, crop_label = data.crop_around_brightest(image, label, size=64)
+    crop, crop_label = crop_around_brightest(image, label, size=64)
     assert crop_label.all()
     assert np.array_equal(crop, image[136:, 236:])
 
@@ -132,7 +132,7 @@ def test_crop_window_stays_inside_the_image():
 def test_crop_pads_a_small_image_with_black():
     image = np.full((40, 50, 3), 90, np.uint8)
     label = np.ones((40, 50), np.uint8)
-    crop, crop_label = data.crop_around_brightest(image, label, size=64)
+    crop, crop_label = crop_around_brightest(image, label, size=64)
     assert crop.shape == (64, 64, 3)
     assert (crop[:40, :50] == 90).all() and crop[40:].max() == 0 and crop[:, 50:].max() == 0
     assert crop_label.sum() == 40 * 50
@@ -158,9 +158,9 @@ def test_origa_split_lists_with_and_without_suffix(tmp_path):
 
 def test_origa_cup_value_counts_as_disc(tmp_path):
     root = fixtures.write_origa(tmp_path / "ORIGA")
-    raw = data.read_class_map(root / "masks" / "001.png")
+    raw = read_class_map(root / "masks" / "001.png")
     assert set(np.unique(raw)) == {0, 1, 2}
-    label = data.read_binary_label(root / "masks" / "001.png")
+    label = read_binary_label(root / "masks" / "001.png")
     assert set(np.unique(label)) == {0, 1} and label.sum() == (raw > 0).sum()
 
 
@@ -173,8 +173,8 @@ def test_origa_without_split_list(tmp_path):
 
 def test_binary_masks_stored_as_255_or_1_read_the_same(tmp_path):
     disc = fixtures.disc_mask(20, 30, (10, 12), 6)
-    ones = data.read_binary_label(fixtures.save(disc.astype(np.uint8), tmp_path / "ones.png"))
-    full = data.read_binary_label(fixtures.save(disc.astype(np.uint8) * 255, tmp_path / "full.bmp"))
+    ones = read_binary_label(fixtures.save(disc.astype(np.uint8), tmp_path / "ones.png"))
+    full = read_binary_label(fixtures.save(disc.astype(np.uint8) * 255, tmp_path / "full.bmp"))
     assert np.array_equal(ones, full) and np.array_equal(ones, disc.astype(np.uint8))
 
 
@@ -208,19 +208,19 @@ def test_messidor_missing_mask_names_the_file(tmp_path):
 def test_kfold_split_is_fixed_by_its_own_seed_and_stratified():
     names = [f"n{index}" for index in range(10)] + [f"d{index}" for index in range(5)]
     groups = {name: name[0] for name in names}
-    settings = {"FOLD": 2, "NUM_FOLDS": 5, "SEED": 0}
-    test = data.fold_names(names, "test", settings, groups=groups)
-    assert test == data.fold_names(names, "test", {**settings, "SEED": 7}, groups=groups)
+    options = SplitOptions(fold=2, num_folds=5)
+    test = fold_names(names, "test", options, groups=groups)
+    assert test == fold_names(names, "test", options, groups=groups)  # no training seed involved
     assert sorted(name[0] for name in test) == ["d", "n", "n"]   # 1 of 5 "d" and 2 of 10 "n"
-    train = data.fold_names(names, "train", settings, groups=groups)
-    assert sorted(train + test, key=data.natural_key) == sorted(names, key=data.natural_key)
+    train = fold_names(names, "train", options, groups=groups)
+    assert sorted(train + test, key=natural_key) == sorted(names, key=natural_key)
 
 
 @pytest.mark.parametrize("fold, folds, message", [(5, 5, "outside 0..4"), (0, 1, "at least 2"),
                                                   (0, 20, "cannot be split into 20 folds")])
 def test_bad_fold_settings(fold, folds, message):
     with pytest.raises(UserError, match=message):
-        data.fold_names(["a", "b", "c"], "test", {"FOLD": fold, "NUM_FOLDS": folds})
+        fold_names(["a", "b", "c"], "test", SplitOptions(fold=fold, num_folds=folds))
 
 
 def test_rimone_majority_vote_and_expert_masks(tmp_path):
@@ -291,8 +291,8 @@ def two_rectangles():
 def test_disc_evaluator_on_two_rectangles():
     pred, gt = two_rectangles()
     experts = np.stack([gt, pred])
-    sample = data.Sample("r", np.zeros((8, 8, 3), np.uint8), gt.astype(np.uint8), experts=experts)
-    row, curve = metrics.evaluate("disc", probability_of(pred), sample, 0.5)
+    sample = tasks.Sample("r", np.zeros((8, 8, 3), np.uint8), gt.astype(np.uint8), experts=experts)
+    row, curve = score_disc(probability_of(pred), sample, 0.5)
     assert curve is None and list(row) == ["E", "Dice", "E expert1", "E expert2"]
     assert row["E"] == pytest.approx(1 - 8 / 24) and row["Dice"] == pytest.approx(16 / 32)
     assert row["E expert1"] == pytest.approx(1 - 8 / 24) and row["E expert2"] == 0.0
@@ -300,8 +300,8 @@ def test_disc_evaluator_on_two_rectangles():
 
 def test_lung_evaluator_hand_case():
     pred, gt = two_rectangles()
-    sample = data.Sample("r", np.zeros((8, 8, 3), np.uint8), gt.astype(np.uint8))
-    row, curve = metrics.evaluate("lung", probability_of(pred), sample, 0.5)
+    sample = tasks.Sample("r", np.zeros((8, 8, 3), np.uint8), gt.astype(np.uint8))
+    row, curve = score_lung(probability_of(pred), sample, 0.5)
     assert curve is None and list(row) == ["E", "Acc", "Sen"]
     # TP 8, FP 8, FN 8, TN 40 of 64 pixels.
     assert row["E"] == pytest.approx(2 / 3) and row["Acc"] == pytest.approx(48 / 64) and row["Sen"] == 0.5
@@ -310,10 +310,10 @@ def test_lung_evaluator_hand_case():
 def test_cell_evaluator_uses_membrane_class_and_threshold():
     membrane = np.zeros((9, 9), bool)
     membrane[4, :] = membrane[:, 4] = True      # a cross: four cells
-    sample = data.Sample("c", np.zeros((9, 9, 3), np.uint8), membrane.astype(np.uint8))
-    row, _ = metrics.evaluate("cell", probability_of(membrane), sample, 0.5)
+    sample = tasks.Sample("c", np.zeros((9, 9, 3), np.uint8), membrane.astype(np.uint8))
+    row, _ = score_cells(probability_of(membrane), sample, 0.5)
     assert row == {"VRand": 1.0, "VInfo": 1.0}
-    merged, _ = metrics.evaluate("cell", probability_of(membrane), sample, 0.95)  # nothing above 0.95
+    merged, _ = score_cells(probability_of(membrane), sample, 0.95)  # nothing above 0.95
     assert merged["VRand"] < 1.0 and merged["VInfo"] == 0.0
 
 
@@ -324,12 +324,15 @@ def test_oct_evaluator_staircase():
     predicted = label.copy()
     predicted[2, :2] = 0                        # boundary 1 one row lower in two columns
     prob = torch.nn.functional.one_hot(torch.from_numpy(predicted).long(), 3).permute(2, 0, 1).float()
-    sample = data.Sample("o", np.zeros((6, 4, 3), np.uint8), label)
-    row, curve = metrics.evaluate("oct", prob, sample, 0.5)
+    sample = tasks.Sample("o", np.zeros((6, 4, 3), np.uint8), label)
+    row, curve = score_layers(prob, sample, 0.5)
     assert curve is None and list(row) == ["MAE b1", "MAE b2", "MAE mean"]
     assert row["MAE b1"] == pytest.approx(0.5) and row["MAE b2"] == 0.0 and row["MAE mean"] == pytest.approx(0.25)
 
 
-def test_every_dataset_task_has_an_evaluator_and_a_note():
-    for name, spec in data.DATASETS.items():
-        assert spec.task in metrics.TASKS and spec.task in metrics.TASK_NOTES, name
+def test_every_dataset_has_a_reader_a_scorer_a_note_and_a_source():
+    for name, spec in tasks.DATASETS.items():
+        assert callable(spec.reader) and callable(spec.score), name
+        assert spec.notes and spec.source and spec.num_classes >= 1, name
+    with pytest.raises(UserError, match="unknown dataset 'glas'; choose one of"):
+        tasks.dataset("glas")

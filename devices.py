@@ -1,0 +1,127 @@
+"""The machine a run uses: device choice, seeding, torchrun/DDP set-up, CUDA speed switches, timing."""
+import contextlib
+import os
+import platform
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from errors import UserError
+
+
+def select_device(name):
+    """'auto' takes CUDA when present and says so when it falls back; 'cuda' insists."""
+    if name not in ("auto", "cuda", "cpu") and not name.startswith("cuda:"):
+        raise UserError(f"device {name!r} not understood; use auto, cuda, cuda:N or cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        if name in ("auto", "cuda"):  # under torchrun each process takes its own GPU
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device(name)
+    if name == "auto":
+        print("notice: CUDA is not available, running on the CPU (slow; fine for tests and tiny runs)",
+              file=sys.stderr)
+        return torch.device("cpu")
+    raise UserError(f"--device {name} was asked for but CUDA is not available on this machine; "
+                    f"use --device cpu or --device auto")
+
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+
+def distributed_context(device=None):
+    """(rank, world_size) from torchrun's environment, initialising the process group once.
+
+    NCCL for processes on GPUs, gloo for CPU processes (also on a machine that has GPUs: --device cpu)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        dist.init_process_group("nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
+    return dist.get_rank(), world_size
+
+
+
+def close_distributed(finished=True):
+    """Leave the process group. After a run that finished on every rank, meet at a barrier first:
+    a rank that tears its connections down while a peer is still in the last collective can make
+    gloo abort that peer. After an error no barrier (the failed peer would never arrive)."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+
+def configure_speed(device):
+    """cudnn autotuning and TF32 on CUDA: free speed for fixed-size inputs."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.set_device(device)
+
+
+
+def autocast(device, enabled):
+    """bf16 autocast on CUDA when enabled; a no-op elsewhere (CPU runs stay fp32 and exact)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+
+def memory_format(device, channels_last):
+    """channels_last on CUDA when asked for; the CPU keeps NCHW (channels_last measured slower there)."""
+    if channels_last and device.type == "cuda":
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+
+def to_device(tensor, device):
+    """Host -> device copy that does not stall the host: pinned (page-locked) memory and an asynchronous
+    copy on CUDA. A copy from ordinary memory makes PyTorch wait until the whole stream has drained."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+
+def timed(device=None):
+    """A monotonic clock that first waits for the work queued on `device` (a CUDA device), so timings
+    are real. Other devices are left alone: a CPU run never touches a GPU it does not use."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+
+def machine_name(device):
+    """The hardware a figure was measured on, in words: the GPU's name, or the CPU's model and cores."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"CPU {cpu_model()}, {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,69 @@
+"""DRIVE retinal vessels (paper, Table II): reader and scoring."""
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from errors import UserError
+from metrics import as_device_tensor, binary_metrics, binary_metrics_and_roc, thin_curve
+from tasks.files import check_same_size, read_image, read_mask, require_dir
+from tasks.sample import Dataset, Sample
+
+
+def read_drive(root, split, options):
+    """DRIVE: training/{images,1st_manual} and test/{images,1st_manual,mask}.
+
+    Image `21_training.tif` pairs with `1st_manual/21_manual1.gif`; test image `01_test.tif` with
+    `1st_manual/01_manual1.gif` and the field-of-view mask `mask/01_test_mask.gif`. The test split is
+    scored against the first annotator, as in the paper.
+    """
+    split = {"train": "training", "test": "test"}[split]
+    folder = require_dir(Path(root) / split, f"DRIVE {split}")
+    image_dir = require_dir(folder / "images", f"DRIVE {split} images")
+    label_dir = require_dir(folder / "1st_manual", f"DRIVE {split} labels")
+    mask_dir = require_dir(folder / "mask", "DRIVE test field-of-view mask") if split == "test" else None
+    # Hidden files (macOS "._01_test.tif" resource forks) are not images.
+    image_paths = sorted(path for path in image_dir.glob(f"*_{split}.tif") if not path.name.startswith("."))
+    if not image_paths:
+        raise UserError(f"no *_{split}.tif images in {image_dir}")
+    samples = []
+    for image_path in image_paths:
+        number = image_path.name.split("_")[0]
+        label_path = label_dir / f"{number}_manual1.gif"
+        if not label_path.is_file():
+            raise UserError(f"label {label_path} missing for image {image_path}")
+        image, label = read_image(image_path), read_mask(label_path)
+        check_same_size(image, label, image_path, label_path)
+        fov = None
+        if mask_dir is not None:
+            mask_path = mask_dir / f"{number}_test_mask.gif"
+            if not mask_path.is_file():
+                raise UserError(f"field-of-view mask {mask_path} missing for image {image_path}")
+            fov = read_mask(mask_path)
+            check_same_size(image, fov, image_path, mask_path)
+        samples.append(Sample(number, image, label.astype(np.uint8), fov))
+    return samples
+
+
+
+def score_vessels(prob, sample, threshold):
+    """DRIVE-style scoring: AUC, Acc, Sen, Spe, F1 over the whole image and inside the FOV mask.
+
+    The FOV figures are the field's standard; whole-image figures count the easy black border
+    as true negatives and run higher. Returns the row and the inside-FOV ROC curve for plotting.
+    """
+    foreground = prob[0].float()
+    label = as_device_tensor(sample.label > 0, foreground.device)
+    fov = (as_device_tensor(sample.fov, foreground.device) if sample.fov is not None
+           else torch.ones_like(label))
+    row = {f"whole {key}": value for key, value in binary_metrics(foreground, label, None, threshold).items()}
+    inside, (fpr, tpr) = binary_metrics_and_roc(foreground, label, fov, threshold)
+    row.update({f"FOV {key}": value for key, value in inside.items()})
+    return row, (*thin_curve(fpr, tpr), row["FOV AUC"])
+
+
+
+NOTES = ("Metrics at the original resolution against the 1st annotator, probability threshold for Acc/Sen/Spe/F1 as stated; 'whole' counts every pixel, 'FOV' only pixels inside the field-of-view mask (the field's standard).")
+
+DRIVE = Dataset(read_drive, num_classes=1, score=score_vessels, notes=NOTES,
+                source="DRIVE, https://drive.grand-challenge.org (registration required)")
