@@ -1,0 +1,33 @@
+"""Put evaluated runs side by side, with a paired per-image comparison of the first against the others.
+
+    python compare.py results/cenet_drive_cpu results/unet_drive_cpu --name drive_cpu \
+        --title "DRIVE on a 2-core CPU: CE-Net vs U-Net, cpu recipe"
+
+Each argument is a folder test.py wrote. Writes <out>/<name>.json and <out>/<name>.md (mean ± std per
+model, the paired differences with Wilcoxon signed-rank p-values, wall times, commands, machine) and
+copies the first run's ROC plot, one overlay and its training curve to <out>/figures/.
+"""
+import argparse
+
+import cli
+import comparison
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="test.py output folders; the first is compared with each other")
+    parser.add_argument("--name", default="comparison", help="file name of the table (default: comparison)")
+    parser.add_argument("--title", default="Evaluated runs side by side", help="the table's heading")
+    parser.add_argument("--out", default="results", help="folder for <name>.json, <name>.md and figures/")
+    parser.add_argument("--overlay", default="01", help="which test image's overlay to copy (default: 01)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    json_path, md_path = comparison.write(args.name, args.title, args.runs, args.out, args.overlay)
+    print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

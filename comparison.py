@@ -1,0 +1,168 @@
+"""Two or more evaluated runs side by side, and a paired per-image comparison of the first against each
+other: what compare.py writes as <name>.json and <name>.md (the CPU results table of the README).
+
+A run is a test.py output folder: its metrics.json (per-image rows, protocol) and the checkpoint it names
+(steps, training wall time, settings). The paired comparison takes, for every metric, the per-image
+differences first - other over the same test images, their mean, how many images the first model wins,
+and the two-sided Wilcoxon signed-rank p-value (scipy's exact distribution for n <= 50 without ties).
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+import cli
+import constants
+import framework
+import networks
+import recipes
+import report
+from errors import UserError
+
+def load_run(eval_dir):
+    """One evaluated run: its test.py metrics and what its checkpoint recorded of the training."""
+    eval_dir = Path(eval_dir)
+    metrics_path = eval_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise UserError(f"{metrics_path} not found; pass folders that test.py wrote")
+    evaluated = json.loads(metrics_path.read_text())
+    checkpoint = evaluated["protocol"]["checkpoint"]
+    payload = framework.read_checkpoint(checkpoint)
+    settings = payload.get("settings", {})
+    model = evaluated["protocol"]["model"]
+    return {
+        "eval_dir": str(eval_dir), "checkpoint": checkpoint, "model": model,
+        "title": networks.MODEL_TITLES.get(model, model),
+        "summary": evaluated["summary"], "per_image": evaluated["per_image"], "protocol": evaluated["protocol"],
+        "steps": payload.get("step"), "train_seconds": payload.get("train_seconds"),
+        "eval_seconds": evaluated["seconds"]["total_after_load"], "pretrained": payload.get("pretrained"),
+        "train_machine": payload.get("machine", "not recorded"),
+        "train_commit": payload.get("git_commit", "not recorded"),
+        "train_command": training_command(settings),
+        "eval_command": f"python test.py --checkpoint {checkpoint}",
+    }
+
+
+def training_command(settings):
+    """`python main.py` with the flags that reproduce `settings` over constants.py and its recipe."""
+    defaults = {name: getattr(constants, name) for name in cli.constant_names()}
+    recipe = settings.get("RECIPE", "")
+    defaults.update(recipes.RECIPES.get(recipe, {}))
+    words = ["python main.py"] + ([f"--recipe {recipe}"] if recipe else [])
+    for name, value in settings.items():
+        if name in defaults and name != "RECIPE" and value != defaults[name]:
+            words.append(f"{cli.flag(name)} {str(value).lower() if isinstance(value, bool) else value}")
+    return " ".join(words)
+
+
+def paired(first, other, metric_names):
+    """Per metric: mean of (first - other) over the images both were scored on, the images where the
+    first is higher, and the Wilcoxon signed-rank p-value of the differences (None when undefined)."""
+    images = [name for name in first["per_image"] if name in other["per_image"]]
+    if not images:
+        raise UserError(f"{first['eval_dir']} and {other['eval_dir']} share no test image")
+    result = {}
+    for name in metric_names:
+        a = np.array([value_of(first["per_image"][image].get(name)) for image in images])
+        b = np.array([value_of(other["per_image"][image].get(name)) for image in images])
+        keep = ~(np.isnan(a) | np.isnan(b))
+        a, b = a[keep], b[keep]
+        difference = a - b
+        result[name] = {"images": int(keep.sum()), "mean_difference": float(difference.mean()) if a.size else None,
+                        "first_higher": int((difference > 0).sum()), "other_higher": int((difference < 0).sum()),
+                        "wilcoxon_p": wilcoxon_p(a, b)}
+    return result
+
+
+def value_of(value):
+    return math.nan if value is None else float(value)
+
+
+def wilcoxon_p(a, b):
+    """Two-sided Wilcoxon signed-rank p-value of paired samples; None when every difference is zero."""
+    if a.size == 0 or np.all(a == b):
+        return None
+    return float(stats.wilcoxon(a, b).pvalue)
+
+
+def summary_cell(stat):
+    if stat is None or stat.get("mean") is None:
+        return "n/a"
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+
+
+def minutes(seconds):
+    return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def render_markdown(title, runs, comparisons, metric_names, figures):
+    first = runs[0]
+    lines = [f"# {title}", "",
+             "Written by `compare.py` from the test.py folders of these runs; rerun it rather than editing this "
+             "file. Every number below was measured, on the machine named under *How these were made*.", "",
+             f"## Test images: mean ± std over the {len(first['per_image'])} images", "",
+             first["protocol"]["evaluation"], ""]
+    headers = ["model", "steps", "training", "evaluation"] + metric_names
+    rows = [[run["title"], run["steps"], minutes(run["train_seconds"]), minutes(run["eval_seconds"])]
+            + [summary_cell(run["summary"].get(name)) for name in metric_names] for run in runs]
+    lines.append(report.markdown_table(headers, rows))
+    for other, comparison in zip(runs[1:], comparisons):
+        lines += [f"## Paired per-image comparison: {first['title']} − {other['title']}", "",
+                  f"Differences taken image by image over the same test images; p = two-sided Wilcoxon "
+                  f"signed-rank test of those differences.", ""]
+        body = []
+        for name in metric_names:
+            entry = comparison[name]
+            p_value = "n/a" if entry["wilcoxon_p"] is None else f"{entry['wilcoxon_p']:.2g}"
+            mean = "n/a" if entry["mean_difference"] is None else f"{entry['mean_difference']:+.4f}"
+            body.append([name, mean, f"{entry['first_higher']} of {entry['images']}", p_value])
+        lines.append(report.markdown_table(
+            ["metric", f"mean difference", f"images where {first['title']} is higher", "Wilcoxon p"], body))
+    lines += ["## How these were made", ""]
+    for run in runs:
+        lines += [f"- **{run['title']}**: {run['steps']} training steps in {minutes(run['train_seconds'])} on "
+                  f"{run['train_machine']}, code at commit `{run['train_commit']}`; encoder: {run['pretrained']}.",
+                  f"  - train: `{run['train_command']}`",
+                  f"  - evaluate: `{run['eval_command']}` ({minutes(run['eval_seconds'])} on "
+                  f"{run['protocol'].get('machine', run['protocol']['device'])}; test-time augmentation: "
+                  f"{'8-way flips' if run['protocol']['tta'] else 'none'}; threshold {run['protocol']['threshold']}; "
+                  f"input: {run['protocol'].get('input', 'resized')})"]
+    if figures:
+        lines += ["", f"## {first['title']}: figures", ""]
+        lines += [f"![{Path(name).stem}]({name})" for name in figures]
+    return "\n".join(lines) + "\n"
+
+
+def copy_figures(run, out, prefix, overlay):
+    """The first run's ROC plot, one overlay and its training curve, re-compressed into <out>/figures."""
+    from PIL import Image
+    source = Path(run["eval_dir"])
+    picks = [(source / "roc.png", f"{prefix}_roc.png"), (source / f"{overlay}_overlay.png", f"{prefix}_{overlay}_overlay.png"),
+             (Path(run["checkpoint"]).parent / "training_curve.png", f"{prefix}_training_curve.png")]
+    figures = Path(out) / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path, name in picks:
+        if not path.is_file():
+            print(f"notice: {path} not found; {name} left out of the figures")
+            continue
+        with Image.open(path) as picture:
+            picture.save(figures / name, optimize=True)  # test.py writes fast, large PNGs; these live in git
+        written.append(f"figures/{name}")
+    return written
+
+
+def write(name, title, eval_dirs, out, overlay="01"):
+    runs = [load_run(path) for path in eval_dirs]
+    metric_names = list(runs[0]["summary"])
+    comparisons = [paired(runs[0], other, metric_names) for other in runs[1:]]
+    figures = copy_figures(runs[0], out, name, overlay)
+    payload = {"title": title, "runs": runs, "paired": [
+        {"first": runs[0]["model"], "other": other["model"], "metrics": comparison}
+        for other, comparison in zip(runs[1:], comparisons)], "figures": figures}
+    out = Path(out)
+    report.write_json(out / f"{name}.json", payload)
+    report.write_text(out / f"{name}.md", render_markdown(title, runs, comparisons, metric_names, figures))
+    return out / f"{name}.json", out / f"{name}.md"

@@ -1,0 +1,97 @@
+"""The published CPU results: the paired comparison's arithmetic, release copies, and the released
+checkpoint reproducing the committed numbers through test.py on the 20 DRIVE test images."""
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import comparison
+import evaluation
+import framework
+import networks
+from conftest import REPO, run_script
+from errors import UserError
+
+RELEASED = REPO / "weights" / "released" / "cenet_drive_cpu.pth"
+COMMITTED = REPO / "results" / "drive_cpu.json"
+
+
+def fake_run(values, name="a"):
+    return {"eval_dir": name, "per_image": {f"{index:02d}": {"FOV AUC": value, "FOV F1": 0.5}
+                                            for index, value in enumerate(values, 1)}}
+
+
+def test_paired_comparison_by_hand():
+    first = fake_run([0.90, 0.92, 0.94, 0.96, 0.98])
+    other = fake_run([0.89, 0.90, 0.91, 0.92, 0.93], "b")
+    result = comparison.paired(first, other, ["FOV AUC", "FOV F1"])
+    auc = result["FOV AUC"]
+    # differences 0.01, 0.02, 0.03, 0.04, 0.05: mean 0.03, all five positive; the exact two-sided signed-rank
+    # p-value of 5 positive ranks out of 5 is 2 / 2^5 = 0.0625.
+    assert auc["mean_difference"] == pytest.approx(0.03)
+    assert (auc["first_higher"], auc["other_higher"], auc["images"]) == (5, 0, 5)
+    assert auc["wilcoxon_p"] == pytest.approx(0.0625)
+    assert result["FOV F1"]["wilcoxon_p"] is None and result["FOV F1"]["mean_difference"] == 0.0
+    with pytest.raises(UserError, match="share no test image"):
+        comparison.paired(first, {"eval_dir": "c", "per_image": {"99": {"FOV AUC": 1.0}}}, ["FOV AUC"])
+
+
+def test_training_command_names_what_differs_from_the_recipe():
+    import cli
+    import constants
+    settings = {name: getattr(constants, name) for name in cli.constant_names()}  # as a checkpoint records them
+    settings.update(RECIPE="cpu", PATCH_SIZE=256, OPTIMIZER="adamw", LR=2e-3, WARMUP_STEPS=30, LOSS="dice_bce",
+                    EPOCHS=19, PRETRAINED="none", MODEL="unet", VISDOM=False)
+    assert comparison.training_command(settings) == "python main.py --recipe cpu --model unet --epochs 19 --visdom false"
+
+
+def test_release_copy_is_float16_and_evaluates_like_the_original(tmp_path):
+    torch.manual_seed(0)
+    model = networks.build_model("backbone_rmp").eval()
+    with torch.no_grad():  # a from-scratch network's variances can leave float16's range (max 65504)
+        model.encoder.bn1.running_var.fill_(2e10)
+        model.encoder.bn1.running_mean.fill_(1e5)
+    settings = {"MODEL": "backbone_rmp", "DATASET": "drive", "IMAGE_SIZE": 64, "DATA_ROOT": "nowhere"}
+    source = framework.save_checkpoint(tmp_path / "final.pth", model, settings, step=5)
+    target = framework.release_checkpoint(source, tmp_path / "released" / "model.pth", git_commit="abc")
+    payload = torch.load(target, weights_only=True)
+    assert payload["weights_dtype"].startswith("float16") and payload["git_commit"] == "abc" and payload["step"] == 5
+    weights = payload["state_dict"]
+    assert weights["encoder.conv1.weight"].dtype == torch.float16
+    assert weights["encoder.bn1.running_var"].dtype == torch.float32  # statistics keep their range
+    assert target.stat().st_size < 0.6 * source.stat().st_size
+    loaded, merged, _ = evaluation.load_model(target, {**settings, "MODEL": "cenet"}, frozenset())
+    assert merged["MODEL"] == "backbone_rmp"
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.sigmoid(loaded.eval()(images)), torch.sigmoid(model(images)),
+                                   rtol=0, atol=5e-3)
+    with pytest.raises(UserError, match="refusing to overwrite"):
+        framework.release_checkpoint(source, target)
+
+
+def test_readme_states_the_released_checkpoints_sha256():
+    if not RELEASED.is_file():
+        pytest.skip("no released checkpoint in this checkout")
+    digest = hashlib.sha256(RELEASED.read_bytes()).hexdigest()
+    assert digest in (REPO / "README.md").read_text()
+    assert RELEASED.stat().st_size < 64 * 2**20
+
+
+def test_released_checkpoint_reproduces_the_committed_numbers(drive_root, tmp_path):
+    """From now on, a change to preprocessing, test-time augmentation or a metric fails here."""
+    committed = json.loads(COMMITTED.read_text())
+    cenet = next(run for run in committed["runs"] if run["checkpoint"].endswith(RELEASED.name))
+    out = tmp_path / "released"
+    result = run_script("test.py", "--checkpoint", RELEASED, "--data-root", drive_root, "--out", out,
+                        "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "metrics.json").read_text())["summary"]
+    assert set(summary) == set(cenet["summary"])
+    for key, expected in cenet["summary"].items():
+        assert summary[key]["mean"] == pytest.approx(expected["mean"], abs=1e-3), key
+        assert summary[key]["std"] == pytest.approx(expected["std"], abs=1e-3), key
+    assert re.search(r"FOV AUC\s+0\.\d{4} ± 0\.\d{4}", result.stdout)
