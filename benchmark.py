@@ -116,9 +116,13 @@ def measure(settings, args, device, rank, world_size, workdir):
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     step_seconds = train_seconds / args.steps
 
-    # Inference: eval-mode forward of one batch through the real predict(), without TTA.
+    # Inference: eval-mode forward of one batch through the real predict(), without TTA. Crop-trained
+    # models predict whole native images, padded to a square multiple of 32 as test.py does.
     count = settings["BATCH_SIZE"]
-    batch = data.normalize(trainer.images[torch.arange(count, device=device) % len(trainer.images)])
+    images = trainer.images[torch.arange(count, device=device) % len(trainer.images)]
+    if config.patch_size:
+        images = data.pad_to_square(images, data.padded_side(*images.shape[-2:]))
+    batch = data.normalize(images)
     infer = lambda: inference.predict(trainer.model, batch, device, tta=False, amp=settings["AMP"],
                                       fmt=trainer.format, images_per_batch=count)
     for _ in range(max(1, args.warmup)):

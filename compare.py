@@ -20,12 +20,15 @@ def parse_args(argv=None):
     parser.add_argument("--title", default="Evaluated runs side by side", help="the table's heading")
     parser.add_argument("--out", default="results", help="folder for <name>.json, <name>.md and figures/")
     parser.add_argument("--overlay", default="01", help="which test image's overlay to copy (default: 01)")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a sentence for the table's 'How these were made' list (repeatable)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    json_path, md_path = comparison.write(args.name, args.title, args.runs, args.out, args.overlay)
+    json_path, md_path = comparison.write(args.name, args.title, args.runs, args.out, args.overlay,
+                                           args.note)
     print(f"wrote {json_path} and {md_path}")
 
 

@@ -97,7 +97,7 @@ def minutes(seconds):
     return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
 
 
-def render_markdown(title, runs, comparisons, metric_names, figures):
+def render_markdown(title, runs, comparisons, metric_names, figures, notes=()):
     first = runs[0]
     lines = [f"# {title}", "",
              "Written by `compare.py` from the test.py folders of these runs; rerun it rather than editing this "
@@ -110,8 +110,8 @@ def render_markdown(title, runs, comparisons, metric_names, figures):
     lines.append(report.markdown_table(headers, rows))
     for other, comparison in zip(runs[1:], comparisons):
         lines += [f"## Paired per-image comparison: {first['title']} − {other['title']}", "",
-                  f"Differences taken image by image over the same test images; p = two-sided Wilcoxon "
-                  f"signed-rank test of those differences.", ""]
+                  "Differences taken image by image over the same test images; p = two-sided Wilcoxon "
+                  "signed-rank test of those differences.", ""]
         body = []
         for name in metric_names:
             entry = comparison[name]
@@ -119,7 +119,7 @@ def render_markdown(title, runs, comparisons, metric_names, figures):
             mean = "n/a" if entry["mean_difference"] is None else f"{entry['mean_difference']:+.4f}"
             body.append([name, mean, f"{entry['first_higher']} of {entry['images']}", p_value])
         lines.append(report.markdown_table(
-            ["metric", f"mean difference", f"images where {first['title']} is higher", "Wilcoxon p"], body))
+            ["metric", "mean difference", f"images where {first['title']} is higher", "Wilcoxon p"], body))
     lines += ["## How these were made", ""]
     for run in runs:
         lines += [f"- **{run['title']}**: {run['steps']} training steps in {minutes(run['train_seconds'])} on "
@@ -129,6 +129,7 @@ def render_markdown(title, runs, comparisons, metric_names, figures):
                   f"{run['protocol'].get('machine', run['protocol']['device'])}; test-time augmentation: "
                   f"{'8-way flips' if run['protocol']['tta'] else 'none'}; threshold {run['protocol']['threshold']}; "
                   f"input: {run['protocol'].get('input', 'resized')})"]
+    lines += [f"- {note}" for note in notes]
     if figures:
         lines += ["", f"## {first['title']}: figures", ""]
         lines += [f"![{Path(name).stem}]({name})" for name in figures]
@@ -154,15 +155,15 @@ def copy_figures(run, out, prefix, overlay):
     return written
 
 
-def write(name, title, eval_dirs, out, overlay="01"):
+def write(name, title, eval_dirs, out, overlay="01", notes=()):
     runs = [load_run(path) for path in eval_dirs]
     metric_names = list(runs[0]["summary"])
     comparisons = [paired(runs[0], other, metric_names) for other in runs[1:]]
     figures = copy_figures(runs[0], out, name, overlay)
     payload = {"title": title, "runs": runs, "paired": [
         {"first": runs[0]["model"], "other": other["model"], "metrics": comparison}
-        for other, comparison in zip(runs[1:], comparisons)], "figures": figures}
+        for other, comparison in zip(runs[1:], comparisons)], "figures": figures, "notes": list(notes)}
     out = Path(out)
     report.write_json(out / f"{name}.json", payload)
-    report.write_text(out / f"{name}.md", render_markdown(title, runs, comparisons, metric_names, figures))
+    report.write_text(out / f"{name}.md", render_markdown(title, runs, comparisons, metric_names, figures, notes))
     return out / f"{name}.json", out / f"{name}.md"

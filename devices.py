@@ -22,6 +22,9 @@ def select_device(name):
     if torch.cuda.is_available():
         if name in ("auto", "cuda"):  # under torchrun each process takes its own GPU
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise UserError(f"--device {name} under torchrun would put every process on one GPU; use --device cuda "
+                            f"(each process takes GPU LOCAL_RANK) and CUDA_VISIBLE_DEVICES to choose the GPUs")
         return torch.device(name)
     if name == "auto":
         print("notice: CUDA is not available, running on the CPU (slow; fine for tests and tiny runs)",
@@ -48,6 +51,10 @@ def distributed_context(device=None):
         return 0, 1
     if not dist.is_initialized():
         on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        if on_gpu and device is not None:
+            # Before the process group: on torch 2.4-2.5 a group bound to a device_id while the current
+            # device is still GPU 0 makes every rank open a context there.
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
     return dist.get_rank(), world_size
 

@@ -128,6 +128,11 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
               f"{settings['THRESHOLD']} ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}); the model is "
               f"probably undertrained: train longer or check the learning rate", file=sys.stderr)
 
+    unlabelled = [sample.name for sample in samples if spec.num_classes == 1 and not sample.label.any()]
+    if unlabelled:
+        print(f"warning: the test labels of {', '.join(unlabelled)} have no foreground, so their AUC, Sen and F1 "
+              f"are undefined: null in metrics.json and left out of the means", file=sys.stderr)
+
     names = [sample.name for sample in samples]
     save_pictures(samples, probs, curves, out, settings["THRESHOLD"],
                   f"{settings['MODEL']} on {settings['DATASET']} test (inside FOV)")
@@ -142,7 +147,7 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
         "amp": settings["AMP"] and device.type == "cuda", "device": str(device),
         "machine": devices.machine_name(device),
         "pretrained": payload.get("pretrained", "unknown"), "train_steps": payload.get("step"),
-        "evaluation": spec.notes, "empty_predictions": empty,
+        "evaluation": spec.notes, "empty_predictions": empty, "labels_without_foreground": unlabelled,
     }
     report.write_json(out / "metrics.json", {
         "protocol": protocol, "summary": summary, "per_image": dict(zip(names, rows)),

@@ -13,16 +13,23 @@ import networks
 from devices import autocast
 
 
+# Pixels that go through the network in one forward pass (all views of a few images): about 16 views of
+# 608 x 608. Activation memory grows with it, and a full-resolution U-Net needs several GB per 8 such views.
+PIXELS_PER_FORWARD = 6_000_000
+
+
 @torch.no_grad()
-def predict(model, images, device, tta=True, amp=True, fmt=torch.contiguous_format, images_per_batch=4):
+def predict(model, images, device, tta=True, amp=True, fmt=torch.contiguous_format, images_per_batch=None):
     """Class probabilities (N, K, H, W) for normalised images (N, 3, H, W).
 
     With `tta`, every image is seen in all 8 dihedral variants; the variants of `images_per_batch`
-    images go through the network in one forward pass, each prediction is mapped back and the 8 are
-    averaged (the paper's test-time augmentation).
+    images (default: as many as PIXELS_PER_FORWARD allows, at least one) go through the network in one
+    forward pass, each prediction is mapped back and the 8 are averaged (the paper's test-time augmentation).
     """
     model.eval()
     variants = range(8) if tta else range(1)
+    if images_per_batch is None:
+        images_per_batch = max(1, PIXELS_PER_FORWARD // (len(variants) * images.shape[-2] * images.shape[-1]))
     results = []
     for chunk in images.split(images_per_batch):
         chunk = chunk.to(device, non_blocking=True)
@@ -33,7 +40,6 @@ def predict(model, images, device, tta=True, amp=True, fmt=torch.contiguous_form
         restored = torch.stack([data.undo_dihedral(view, k) for view, k in zip(probs, variants)])
         results.append(restored.mean(0))
     return torch.cat(results)
-
 
 
 def predict_samples(model, samples, device, *, image_size, patch_size, tta, amp, fmt, images_per_chunk=4):

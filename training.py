@@ -31,6 +31,11 @@ def training_tensors(settings):
     spec = tasks.dataset(settings["DATASET"])
     samples = tasks.load_split(settings["DATASET"], settings["DATA_ROOT"], "train",
                                tasks.SplitOptions.from_settings(settings))
+    empty = [sample.name for sample in samples if spec.num_classes == 1 and not sample.label.any()]
+    if empty:
+        print(f"warning: {len(empty)} of {len(samples)} training labels have no foreground "
+              f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}); check that the annotations are the "
+              f"right files (a binary label counts every nonzero value as foreground)", file=sys.stderr)
     if settings["PATCH_SIZE"]:
         return data.stack_native(samples, spec.num_classes)
     return data.stack_samples(samples, settings["IMAGE_SIZE"], spec.num_classes)
@@ -65,7 +70,7 @@ def train(settings):
     trainer = framework.Trainer(model, images, labels, framework.TrainConfig.from_settings(settings), device,
                                 rank, world_size)
 
-    run_dir = None
+    run_dir, commit = None, report.git_commit()  # the code as it is now, not after an edit during training
     if rank == 0:
         run_dir = framework.new_run_dir(settings["WEIGHTS_DIR"], run_name(settings))
         report.write_json(run_dir / "settings.json", framework.checkpoint_settings(settings))
@@ -101,7 +106,7 @@ def train(settings):
                                    f"{networks.MODEL_TITLES[settings['MODEL']]} on {settings['DATASET']}")
         path = framework.save_checkpoint(run_dir / "final.pth", trainer.model, settings, step=trainer.step_count,
                                          train_seconds=round(seconds, 2), pretrained=pretrained_status,
-                                         world_size=world_size, git_commit=report.git_commit(),
+                                         world_size=world_size, git_commit=commit,
                                          machine=devices.machine_name(device))
         print(f"saved {path} after {trainer.step_count} steps in {seconds:.1f}s; evaluate with: "
               f"python test.py --checkpoint {path}")

@@ -164,3 +164,84 @@ def test_size_mismatch(small_drive, tmp_path):
     Image.new("L", (100, 100)).save(root / "training" / "1st_manual" / "21_manual1.gif")
     with pytest.raises(UserError, match="size mismatch"):
         drive_split(root, "train")
+
+
+# --- augmentation that a silent bug would switch off ------------------------------------------
+
+def test_the_augmentation_draws_every_flip_and_every_colour_shift():
+    """A sampler stuck on variant 0 (no flips) or with the colour jitter off fails here."""
+    theta, hsv = data.draw_augmentation(400, torch.Generator().manual_seed(0))
+    linear = theta[:, :, :2]
+    unit = linear / linear.abs().amax(dim=(1, 2), keepdim=True)  # undo the scale: a signed permutation
+    drawn = {k for k in range(8) for matrix in unit if torch.allclose(matrix, data.DIHEDRAL_MATRICES[k])}
+    assert drawn == set(range(8))
+    scales = 1 / linear.abs().amax(dim=(1, 2))
+    assert 0.9 <= float(scales.min()) < 0.92 and 1.08 < float(scales.max()) <= 1.1
+    limits = torch.tensor([data.HUE_SHIFT, data.SATURATION_SHIFT, data.VALUE_SHIFT])
+    assert bool((hsv.abs() <= limits).all()) and bool((hsv.abs().amax(0) > 0.9 * limits).all())
+
+
+def test_a_flip_in_the_plan_flips_image_and_label():
+    image = torch.zeros(1, 3, 32, 32)
+    image[:, :, 4:12, 2:6] = 1.0                      # a bar near the left edge
+    label = (image[:, 0] > 0.5).to(torch.uint8)
+    theta = torch.cat([data.DIHEDRAL_MATRICES[1:2], torch.zeros(1, 2, 1)], dim=2)  # variant 1: left-right
+    moved, moved_label = data.apply_augmentation(image, label, theta, torch.zeros(1, 3))
+    assert torch.equal(moved, image.flip(-1)) and torch.equal(moved_label, label.flip(-1))
+
+
+def test_the_trainer_jitters_colour_and_crops_where_the_plan_says():
+    """Trainer.batch applies the plan's colour shifts (an all-zero jitter would go unnoticed otherwise) and
+    cuts PATCH_SIZE crops at native resolution from the planned centres."""
+    import framework
+    torch.manual_seed(0)
+    images = torch.randint(30, 220, (2, 3, 40, 50), dtype=torch.uint8)
+    labels = (torch.rand(2, 40, 50) > 0.5).to(torch.uint8)
+    model = torch.nn.Conv2d(3, 1, 1)
+    model.num_classes = 1
+    config = framework.TrainConfig(batch_size=2, epochs=1, patch_size=32, amp=False, loss="bce")
+    trainer = framework.Trainer(model, images, labels, config, torch.device("cpu"))
+    jittered, crop_labels = trainer.batch()
+    assert jittered.shape == (2, 3, 32, 32) and crop_labels.shape == (2, 32, 32)
+    trainer.plan["hsv"].zero_()
+    plain, same_labels = trainer.batch()
+    assert torch.equal(crop_labels, same_labels) and (jittered - plain).abs().max() > 0.01
+    assert set(crop_labels.unique().tolist()) <= {0, 1}
+
+
+def test_crop_affine_cuts_the_window_at_its_centre():
+    """With the identity transform, the crop centred at (x, y) is exactly the pixels around it."""
+    image = torch.arange(40 * 50, dtype=torch.float32).view(1, 1, 40, 50).expand(1, 3, 40, 50).contiguous()
+    label = torch.zeros(1, 40, 50, dtype=torch.uint8)
+    identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    theta = data.crop_affine(identity, torch.tensor([[20.0, 16.0]]), 16, 40, 50)
+    crop, _ = data.apply_augmentation(image / 2000, label, theta, torch.zeros(1, 3), out_size=16)
+    torch.testing.assert_close(crop[0, 0] * 2000, image[0, 0, 8:24, 12:28], rtol=0, atol=1e-2)
+
+
+def test_native_stacking_pads_smaller_images_with_background():
+    big = tasks.Sample("a", np.full((6, 5, 3), 200, np.uint8), np.ones((6, 5), np.uint8))
+    small = tasks.Sample("b", np.full((4, 3, 3), 100, np.uint8), np.ones((4, 3), np.uint8))
+    images, labels = data.stack_native([big, small], 1)
+    assert images.shape == (2, 3, 6, 5) and int(images[1, :, 4:].max()) == 0 and int(labels[1, :, 3:].max()) == 0
+    assert data.padded_side(584, 565) == 608 and data.pad_to_square(images, 32).shape == (2, 3, 32, 32)
+
+
+def test_one_binary_rule_for_every_reader(small_drive, tmp_path):
+    """A DRIVE label stored as 0/1 instead of 0/255 is read the same, not as an empty mask."""
+    import shutil
+    root = tmp_path / "DRIVE"
+    shutil.copytree(small_drive, root)
+    path = root / "training" / "1st_manual" / "21_manual1.gif"
+    original = np.asarray(Image.open(path).convert("L")) > 0
+    Image.fromarray(original.astype(np.uint8)).save(path)  # values 0 and 1
+    reread = drive_split(root, "train")[0].label
+    assert np.array_equal(reread, original.astype(np.uint8)) and reread.any()
+
+
+def test_hidden_resource_forks_are_not_images(small_drive, tmp_path):
+    import shutil
+    root = tmp_path / "DRIVE"
+    shutil.copytree(small_drive, root)
+    (root / "training" / "images" / "._21_training.tif").write_bytes(b"\x00\x05\x16\x07 macOS metadata")
+    assert [sample.name for sample in drive_split(root, "train")] == ["21", "22"]

@@ -378,3 +378,30 @@ def test_summarize_population_std_and_nan():
     assert summary["b"] == pytest.approx({"mean": 3.0, "std": 1.0})
     assert math.isnan(summary["c"]["mean"]) and math.isnan(summary["c"]["std"])
     assert summarize([]) == {}
+
+
+def test_drive_scoring_counts_only_the_field_of_view_for_fov_metrics():
+    """A prediction wrong only outside the FOV: perfect inside, imperfect over the whole image. Scoring that
+    ignored the mask would report the same numbers for both."""
+    from tasks import Sample
+    from tasks.drive import score_vessels
+    label = np.zeros((4, 4), np.uint8)
+    label[1:3, 1:3] = 1
+    fov = np.zeros((4, 4), bool)
+    fov[1:3, :] = True                             # rows 1 and 2
+    prob = torch.tensor(label, dtype=torch.float32)[None] * 0.9 + 0.05
+    prob[0, 0, 0] = 0.95                           # a false positive outside the FOV
+    row, curve = score_vessels(prob, Sample("x", np.zeros((4, 4, 3), np.uint8), label, fov), 0.5)
+    assert row["FOV Acc"] == 1.0 and row["FOV AUC"] == 1.0 and row["FOV Spe"] == 1.0
+    assert row["whole Acc"] == pytest.approx(15 / 16) and row["whole Spe"] == pytest.approx(11 / 12)
+    assert row["whole AUC"] < 1.0 and curve[2] == row["FOV AUC"]
+
+
+def test_metrics_json_is_strict_json(tmp_path):
+    import json
+
+    import report
+    report.write_json(tmp_path / "m.json", {"AUC": math.nan, "rows": [1.0, math.inf], "nested": {"x": math.nan}})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"AUC": None, "rows": [1.0, None], "nested": {"x": None}}

@@ -3,7 +3,6 @@ checkpoint reproducing the committed numbers through test.py on the 20 DRIVE tes
 import hashlib
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch

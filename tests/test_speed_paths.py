@@ -51,6 +51,8 @@ def test_tta_batched_over_images_equals_one_image_at_a_time():
     four = inference.predict(model, images, torch.device("cpu"), tta=True, images_per_batch=4)
     assert four.shape == (5, 1, 32, 32)
     torch.testing.assert_close(four, one, rtol=1e-5, atol=1e-6)
+    budget = inference.predict(model, images, torch.device("cpu"), tta=True)  # batches by pixel budget
+    torch.testing.assert_close(budget, one, rtol=1e-5, atol=1e-6)
 
 
 def symmetric_conv(symmetric):
@@ -143,6 +145,7 @@ def tiny_training(steps=2):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                                 torch.nn.Conv2d(8, 1, 1))
+    model.num_classes = 1  # what the Trainer reads to build the loss, as every registered network has
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     labels = (torch.rand(4, 32, 32) > 0.7).to(torch.uint8)
     return model, images, labels
