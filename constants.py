@@ -50,3 +50,5 @@ VISDOM_SERVER = "http://localhost"
 VISDOM_PORT = 8097
 VISDOM = True                 # log to visdom when a server answers; training goes on without
 LOG_EVERY = 10                # steps between visdom / progress-bar loss updates
+CHECKPOINT_EVERY = 100        # steps between resume points (weights/<run>/last.pth); 0: only when stopped
+RESUME = ""                   # a run's last.pth (or its folder): continue that run exactly where it stopped

@@ -65,11 +65,48 @@ def save_checkpoint(path, model, settings, **extra):
         "state_dict": clean_state_dict(unwrap(model).state_dict()),
         **extra,
     }
+    return write_atomically(payload, path)
+
+
+def write_atomically(payload, path):
+    """torch.save to a side file, then rename it over `path`: a crash or a full disk mid-write never leaves a
+    truncated file, and the file `path` held before (an earlier resume point) stays intact."""
+    path = Path(path)
     temporary = path.with_name(path.name + ".partial")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)  # a crash mid-write never leaves a truncated checkpoint behind
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch wraps a full disk in a RuntimeError
+        temporary.unlink(missing_ok=True)
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise UserError(f"could not write {path} ({reason}); free some space or choose another --weights-dir"
+                        + ("; the previous resume point there is intact" if path.exists() else ""))
     return path
 
+
+# What a resume point holds besides the model: enough to continue bit for bit.
+RESUME_FORMAT = "cenet-repro/resume/1"
+
+
+def save_resume_point(path, trainer, settings, log_lines, **extra):
+    """The run so far (weights, optimiser state, step, log) in `path`, replacing the previous one atomically.
+    Batch order, crop positions and augmentation come from the seed, so they need no saving."""
+    payload = {"format": RESUME_FORMAT, "settings": checkpoint_settings(settings), "step": trainer.step_count,
+               "state_dict": clean_state_dict(unwrap(trainer.model).state_dict()),
+               "optimizer": trainer.optimizer.state_dict(), "log": list(log_lines), **extra}
+    return write_atomically(payload, path)
+
+
+def read_resume_point(path):
+    """A resume point written by save_resume_point; a run folder means its last.pth."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pth"
+    payload = read_checkpoint(path)
+    if payload.get("format") != RESUME_FORMAT:
+        raise UserError(f"{path} is not a resume point (those are the last.pth files main.py writes every "
+                        f"CHECKPOINT_EVERY steps and when it is stopped)")
+    return path, payload
 
 
 def release_checkpoint(source, target, **extra):
@@ -111,8 +148,8 @@ def read_checkpoint(path):
         raise UserError(f"{path} is not a readable PyTorch checkpoint (not written by torch.save, or it holds "
                         f"Python objects other than tensors and plain data)")
     except Exception as error:  # torch raises several unrelated types for a bad file
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0][:120]})")
+        detail = (str(error).splitlines() or ["the file is empty" if path.stat().st_size == 0 else ""])[0][:120]
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {detail})")
     if not isinstance(payload, dict):
         raise UserError(f"{path} holds a {type(payload).__name__}, not a checkpoint dictionary")
     return payload
@@ -146,17 +183,25 @@ def load_state_dict_checked(model, state_dict, path, name):
 def new_run_dir(parent, name):
     """A fresh folder for this run's outputs: an existing name gets a -2, -3, ... suffix, never reused."""
     parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
     candidate, number = parent / name, 1
-    while True:
-        try:
-            candidate.mkdir()
-            if number > 1:
-                print(f"notice: {parent / name} already exists; writing to {candidate} instead", file=sys.stderr)
-            return candidate
-        except FileExistsError:
-            number += 1
-            candidate = parent / f"{name}-{number}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                candidate.mkdir()
+                break
+            except FileExistsError:
+                number += 1
+                candidate = parent / f"{name}-{number}"
+        probe = candidate / ".write-test"  # a read-only mount can still allow mkdir of an existing tree
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to {candidate} ({error.strerror or error}); choose a writable folder "
+                        f"with --weights-dir or --results-dir")
+    if number > 1:
+        print(f"notice: {parent / name} already exists; writing to {candidate} instead", file=sys.stderr)
+    return candidate
 
 
 

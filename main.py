@@ -2,11 +2,13 @@
 
     python main.py                                  # constants.py as it is (the paper's recipe)
     python main.py --recipe cpu                     # about 35 minutes on a 2-core CPU (see README)
+    python main.py --resume weights/RUN/last.pth    # continue a stopped run exactly
     python main.py --data-root ../DRIVE --epochs 300
     torchrun --nproc_per_node=4 main.py ...         # several GPUs, same checkpoint format
 
 Writes weights/<run>/final.pth (plus settings.json, train_log.csv and training_curve.png) and never
-replaces an earlier run.
+replaces an earlier run. Every CHECKPOINT_EVERY steps, and when stopped with Ctrl-C or SIGTERM, the run
+so far is saved to weights/<run>/last.pth.
 """
 import argparse
 
@@ -16,16 +18,16 @@ import training
 
 
 def parse_settings(argv=None):
+    """(settings, the names given on the command line)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_constant_flags(parser)
-    settings, _ = cli.settings_from(parser.parse_args(argv))
-    return settings
+    return cli.settings_from(parser.parse_args(argv))
 
 
 def main(argv=None):
-    settings = parse_settings(argv)
+    settings, given = parse_settings(argv)
     try:
-        training.train(settings)
+        training.train(settings, given)
         devices.close_distributed()
     finally:
         devices.close_distributed(finished=False)  # a no-op when the run already closed it

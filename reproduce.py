@@ -107,6 +107,9 @@ def check_args(args, base, given):
         raise UserError(f"unknown table {args.table!r}; choose one of: {', '.join(TABLES)}")
     if "MODEL" in given:
         raise UserError("--model does not apply to reproduce.py; choose models with --models a,b")
+    if "RESUME" in given:
+        raise UserError("--resume does not apply to reproduce.py; an interrupted table resumes by itself "
+                        "(recorded runs are skipped)")
     if "RUN_NAME" in given:
         raise UserError("--run-name does not apply to reproduce.py; "
                             "it names every run repro_<recipe>_<model>_s<seed>")

@@ -3,6 +3,7 @@ encoder weights, the Trainer's steps with a progress bar and live plots, and a n
 checkpoint, settings.json, train_log.csv and the training curve. Nothing an earlier run wrote is replaced.
 """
 import datetime
+import signal
 import sys
 
 import data
@@ -61,17 +62,72 @@ def describe_input(settings, count):
     return f"{count} images resized to {settings['IMAGE_SIZE']}px"
 
 
-def train(settings):
-    """Train with `settings` (every constant, resolved); returns the new run folder (rank 0) or None."""
+# What the command line may set anew for a resumed run: where and how it is watched, never what it computes.
+RESUMABLE_CHANGES = ("DEVICE", "VISDOM", "VISDOM_SERVER", "VISDOM_PORT", "LOG_EVERY", "CHECKPOINT_EVERY")
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (a cluster's time limit) ask the loop to stop after the current step,
+    so the run can be saved; a second Ctrl-C stops at once. Only in a single process: under torchrun the
+    ranks could stop at different steps and wait on each other forever."""
+
+    def __init__(self, enabled):
+        self.enabled, self.received, self.previous = enabled, None, {}
+
+    def __enter__(self):
+        if self.enabled:
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self.handle)
+        return self
+
+    def handle(self, number, frame):
+        if self.received is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = number
+        print(f"\n{signal.Signals(number).name}: stopping after this step to save the run "
+              f"(Ctrl-C again stops at once, losing what the last resume point does not hold)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def resumed_settings(settings, given):
+    """(settings, resume point) for --resume: the run's own settings, with those of RESUMABLE_CHANGES that the
+    command line gave."""
+    if not settings["RESUME"]:
+        return settings, None
+    path, point = framework.read_resume_point(settings["RESUME"])
+    merged = {**point["settings"], **{key: settings[key] for key in RESUMABLE_CHANGES if key in given},
+              "RESUME": settings["RESUME"]}
+    return merged, {**point, "path": path}
+
+
+def train(settings, given=frozenset()):
+    """Train with `settings` (every constant, resolved; `given`: the names the command line set); returns the
+    run folder (rank 0) or None.
+
+    Every CHECKPOINT_EVERY steps, and when stopped by Ctrl-C or SIGTERM, the run so far goes to
+    <run>/last.pth; `--resume <run>/last.pth` continues it bit for bit (same weights as an uninterrupted run)."""
+    settings, resume = resumed_settings(settings, given)
     device = devices.select_device(settings["DEVICE"])
     rank, world_size = devices.distributed_context(device)
     devices.configure_speed(device)
     model, images, labels, pretrained_status = prepare(settings, rank)
+    if resume:
+        model.load_state_dict(resume["state_dict"])
+        pretrained_status = resume.get("pretrained", pretrained_status)
     trainer = framework.Trainer(model, images, labels, framework.TrainConfig.from_settings(settings), device,
                                 rank, world_size)
+    if resume:
+        trainer.optimizer.load_state_dict(resume["optimizer"])
+        trainer.step_count = resume["step"]
 
     run_dir, commit = None, report.git_commit()  # the code as it is now, not after an edit during training
-    if rank == 0:
+    if rank == 0 and resume:
+        run_dir = resume["path"].parent
+        say(rank, f"resuming {run_dir} at step {trainer.step_count} of {trainer.total_steps}")
+    elif rank == 0:
         run_dir = framework.new_run_dir(settings["WEIGHTS_DIR"], run_name(settings))
         report.write_json(run_dir / "settings.json", framework.checkpoint_settings(settings))
     visdom = VisdomLogger(settings["VISDOM_SERVER"], settings["VISDOM_PORT"], env=run_dir.name if run_dir else "",
@@ -80,24 +136,40 @@ def train(settings):
               f"({describe_input(settings, len(images))}) for {trainer.total_steps} steps of batch "
               f"{settings['BATCH_SIZE']} on {device}" + (f" x{world_size}" if world_size > 1 else ""))
 
-    log_lines = ["step,loss,lr"]
-    log_every = settings["LOG_EVERY"]
+    log_lines = resume["log"] if resume else ["step,loss,lr"]
+    earlier_seconds = resume.get("train_seconds", 0.0) if resume else 0.0
+    log_every, checkpoint_every = settings["LOG_EVERY"], settings["CHECKPOINT_EVERY"]
     start = devices.timed(device)
-    progress = progress_bar(trainer.total_steps, rank)
+    progress = progress_bar(trainer.total_steps, rank, initial=trainer.step_count)
     sample_every = max(1, log_every * 10)
-    for step in range(1, trainer.total_steps + 1):
-        loss = trainer.step()
-        if step % log_every == 0 or step == trainer.total_steps:
-            value = loss.item()  # the only host sync, once per LOG_EVERY steps
-            log_lines.append(f"{step},{value:.6f},{trainer.lr:.6g}")
-            progress.set_postfix(loss=f"{value:.4f}", lr=f"{trainer.lr:.2e}")
-            visdom.scalar("loss", step, value)
-            visdom.scalar("lr", step, trainer.lr)
-        if visdom.viz is not None and (step % sample_every == 0 or step == trainer.total_steps):
-            visdom.sample(*trainer.sample_prediction())
-        progress.update(1)
+
+    def save_point():
+        seconds = earlier_seconds + devices.timed(device) - start
+        return framework.save_resume_point(run_dir / "last.pth", trainer, settings, log_lines,
+                                           pretrained=pretrained_status, train_seconds=round(seconds, 2))
+
+    with StopSignals(enabled=world_size == 1) as stop:
+        for step in range(trainer.step_count + 1, trainer.total_steps + 1):
+            loss = trainer.step()
+            if step % log_every == 0 or step == trainer.total_steps:
+                value = loss.item()  # the only host sync, once per LOG_EVERY steps
+                log_lines.append(f"{step},{value:.6f},{trainer.lr:.6g}")
+                progress.set_postfix(loss=f"{value:.4f}", lr=f"{trainer.lr:.2e}")
+                visdom.scalar("loss", step, value)
+                visdom.scalar("lr", step, trainer.lr)
+            if visdom.viz is not None and (step % sample_every == 0 or step == trainer.total_steps):
+                visdom.sample(*trainer.sample_prediction())
+            progress.update(1)
+            if stop.received is not None and step < trainer.total_steps:
+                progress.close()
+                path = save_point()
+                print(f"stopped at step {step} of {trainer.total_steps}; saved {path}; continue with: "
+                      f"python main.py --resume {path}", file=sys.stderr)
+                raise SystemExit(128 + stop.received)
+            if rank == 0 and checkpoint_every and step % checkpoint_every == 0 and step < trainer.total_steps:
+                save_point()
     progress.close()
-    seconds = devices.timed(device) - start  # waits for the GPU, which may still be running the last steps
+    seconds = earlier_seconds + devices.timed(device) - start  # waits for the GPU to finish the last steps
 
     if rank == 0:
         log_path = run_dir / "train_log.csv"
@@ -108,11 +180,13 @@ def train(settings):
                                          train_seconds=round(seconds, 2), pretrained=pretrained_status,
                                          world_size=world_size, git_commit=commit,
                                          machine=devices.machine_name(device))
+        (run_dir / "last.pth").unlink(missing_ok=True)  # final.pth holds all of it now
         print(f"saved {path} after {trainer.step_count} steps in {seconds:.1f}s; evaluate with: "
               f"python test.py --checkpoint {path}")
     return run_dir
 
 
-def progress_bar(total, rank):
+def progress_bar(total, rank, initial=0):
     from tqdm import tqdm
-    return tqdm(total=total, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True,
+                file=sys.stderr)

@@ -98,7 +98,7 @@ def worker(report, argv):
 
     framework.Trainer = RecordingTrainer  # training.train looks the class up when it runs
     try:
-        training.train(main.parse_settings(argv))
+        training.train(*main.parse_settings(argv))
         trainer = trainers[0]
         mine = {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "indices": trainer.indices,
                 "initial": trainer.initial, "weights": digests(framework.unwrap(trainer.model).state_dict())}
