@@ -157,11 +157,12 @@ def train(settings, given=frozenset()):
                 progress.set_postfix(loss=f"{value:.4f}", lr=f"{trainer.lr:.2e}")
                 visdom.scalar("loss", step, value)
                 visdom.scalar("lr", step, trainer.lr)
-            if visdom.viz is not None and (step % sample_every == 0 or step == trainer.total_steps):
+            if visdom.active and (step % sample_every == 0 or step == trainer.total_steps):
                 visdom.sample(*trainer.sample_prediction())
             progress.update(1)
             if stop.received is not None and step < trainer.total_steps:
                 progress.close()
+                visdom.close()
                 path = save_point()
                 print(f"stopped at step {step} of {trainer.total_steps}; saved {path}; continue with: "
                       f"python main.py --resume {path}", file=sys.stderr)
@@ -170,6 +171,7 @@ def train(settings, given=frozenset()):
                 save_point()
     progress.close()
     seconds = earlier_seconds + devices.timed(device) - start  # waits for the GPU to finish the last steps
+    visdom.close()
 
     if rank == 0:
         log_path = run_dir / "train_log.csv"

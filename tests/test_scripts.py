@@ -1,5 +1,7 @@
 """The real scripts, run as a user runs them: train -> checkpoint -> evaluate, visdom, bad input."""
+import contextlib
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -72,20 +74,31 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def test_visdom_server_receives_training_windows(small_drive, tmp_path):
+@contextlib.contextmanager
+def visdom_server(tmp_path):
+    """A real visdom server on a free loopback port (the API only: its web assets need a download)."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-c", "import sys; from visdom.server.run_server import main; "
          f"sys.argv = ['visdom', '-port', '{port}', '-env_path', '{tmp_path}/env']; main()"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        from visdom import Visdom
         deadline = time.time() + 60
         while time.time() < deadline:
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.5)
+        yield server, port
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_visdom_server_receives_training_windows(small_drive, tmp_path):
+    with visdom_server(tmp_path) as (_, port):
+        from visdom import Visdom
         result = run_script("main.py", "--data-root", small_drive, "--weights-dir", tmp_path / "weights",
                             "--run-name", "viz", *TINY[:-4], "--device", "cpu", "--log-every", "1",
                             "--visdom", "true", "--visdom-port", port)
@@ -95,9 +108,19 @@ def test_visdom_server_receives_training_windows(small_drive, tmp_path):
         for window in ("loss", "lr", "sample"):
             assert viz.win_exists(window, env="viz"), window
         assert not viz.win_exists("no-such-window", env="viz")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+
+
+def test_a_suspended_visdom_server_never_holds_training_up(small_drive, tmp_path):
+    """A server stopped with SIGSTOP accepts connections and never answers: training must go on (before,
+    it sat at one step until the server was killed); run_script's timeout turns a hang into a failure."""
+    with visdom_server(tmp_path) as (server, port):
+        server.send_signal(signal.SIGSTOP)
+        result = run_script("main.py", "--data-root", small_drive, "--weights-dir", tmp_path / "weights",
+                            "--run-name", "stalled", *TINY[:-4], "--device", "cpu", "--epochs", "3", "--log-every",
+                            "1", "--visdom", "true", "--visdom-port", port, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("no visdom server") == 1
+    assert (tmp_path / "weights" / "stalled" / "final.pth").is_file()
 
 
 def test_training_goes_on_without_visdom(small_drive, tmp_path):
