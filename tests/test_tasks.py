@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+import evaluation
 import fixtures
+import main
 import tasks
-from conftest import TINY, run_script
+import training
+from conftest import TINY
 from errors import UserError
 from tasks.em_cells import score_cells
 from tasks.files import read_binary_label, read_class_map
@@ -25,11 +28,15 @@ def load(dataset, root, split, **settings):
     return tasks.load_split(dataset, root, split, SplitOptions(**{key.lower(): value for key, value in settings.items()}))
 
 
-def assert_one_line_error(result, pattern):
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert pattern in lines[0], lines[0]
+def train(*argv):
+    """main.py's training, in this process (tests/test_scripts.py runs the scripts themselves)."""
+    return training.train(*main.parse_settings([str(arg) for arg in argv]))
+
+
+def evaluate(checkpoint, out, *argv):
+    """test.py's evaluation, in this process."""
+    settings, given = main.parse_settings([str(arg) for arg in argv])
+    return evaluation.evaluate(checkpoint, settings, given, out_dir=out)
 
 
 # --- end to end: one flag switches reader, class count and metrics -----------------------------------
@@ -53,17 +60,15 @@ END_TO_END = {
 def test_train_and_evaluate_each_dataset(dataset, tmp_path):
     writer, ranges = END_TO_END[dataset]
     root = writer(tmp_path / dataset)
-    trained = run_script("main.py", "--dataset", dataset, "--data-root", root, "--run-name", dataset,
-                         "--weights-dir", tmp_path / "weights", *TINY, "--epochs", "1")
-    assert trained.returncode == 0, trained.stderr
-    checkpoint = tmp_path / "weights" / dataset / "final.pth"
+    run_dir = train("--dataset", dataset, "--data-root", root, "--run-name", dataset,
+                    "--weights-dir", tmp_path / "weights", *TINY, "--epochs", "1")
+    checkpoint = run_dir / "final.pth"
     payload = torch.load(checkpoint, weights_only=True)
     assert payload["dataset"] == dataset and payload["num_classes"] == tasks.DATASETS[dataset].num_classes
 
     # No --dataset or --data-root here: test.py takes both from the checkpoint.
     out = tmp_path / "results"
-    evaluated = run_script("test.py", "--checkpoint", checkpoint, "--out", out, "--device", "cpu")
-    assert evaluated.returncode == 0, evaluated.stderr
+    evaluate(checkpoint, out, "--device", "cpu")
     report = json.loads((out / "metrics.json").read_text())
     expected_names = {sample.name for sample in load(dataset, root, "test")}
     assert set(report["per_image"]) == expected_names
@@ -79,14 +84,14 @@ def test_train_and_evaluate_each_dataset(dataset, tmp_path):
     assert not (out / "roc.png").exists()  # these tasks report no ROC curve
 
 
-# --- bad input: one clear line, exit code 2 ----------------------------------------------------------
+# --- bad input: one clear error (printed by every script as one line, exit code 2) ---------------------
 
 def test_split_list_naming_a_missing_image(tmp_path):
     root = fixtures.write_origa(tmp_path / "ORIGA")
     with open(root / "Set_A.txt", "a") as handle:
         handle.write("099.jpg\n")
-    result = run_script("main.py", "--dataset", "origa", "--data-root", root, *TINY)
-    assert_one_line_error(result, "Set_A.txt names '099'")
+    with pytest.raises(UserError, match="Set_A.txt names '099'"):
+        train("--dataset", "origa", "--data-root", root, *TINY, "--weights-dir", tmp_path / "w")
 
 
 def test_class_index_beyond_the_class_count(tmp_path):
@@ -94,14 +99,14 @@ def test_class_index_beyond_the_class_count(tmp_path):
     label = np.zeros((64, 96), np.uint8)
     label[40:] = 12
     fixtures.save(label, root / "labels" / "vol01_b128.png")
-    result = run_script("main.py", "--dataset", "oct", "--data-root", root, *TINY)
-    assert_one_line_error(result, "vol01_b128.png has value 12 but dataset oct has 11 classes")
+    with pytest.raises(UserError, match="vol01_b128.png has value 12 but dataset oct has 11 classes"):
+        train("--dataset", "oct", "--data-root", root, *TINY, "--weights-dir", tmp_path / "w")
 
 
 def test_volume_and_labels_with_different_page_counts(tmp_path):
     root = fixtures.write_isbi_volume(tmp_path / "ISBI", pages=6, label_pages=5)
-    result = run_script("main.py", "--dataset", "isbi2012", "--data-root", root, *TINY)
-    assert_one_line_error(result, "has 6 pages but")
+    with pytest.raises(UserError, match="has 6 pages but"):
+        train("--dataset", "isbi2012", "--data-root", root, *TINY, "--weights-dir", tmp_path / "w")
 
 
 # --- optic disc crop -----------------------------------------------------------------------------
