@@ -114,7 +114,7 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
     start = devices.timed(device)
     probs = inference.predict_samples(model, samples, device, image_size=settings["IMAGE_SIZE"],
                                       patch_size=settings["PATCH_SIZE"], tta=settings["TTA"], amp=settings["AMP"],
-                                      fmt=fmt)
+                                      fmt=fmt, progress=True)
     rows, curves = [], {}
     for sample, prob in zip(samples, probs):
         row, curve = spec.score(prob, sample, settings["THRESHOLD"])

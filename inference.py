@@ -5,6 +5,8 @@ variants, maps every prediction back and averages them. `predict_samples` brings
 network the way the checkpoint was trained (resized to IMAGE_SIZE, or whole at native resolution for
 PATCH_SIZE training) and returns probabilities at each image's native size, on the host.
 """
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -42,11 +44,16 @@ def predict(model, images, device, tta=True, amp=True, fmt=torch.contiguous_form
     return torch.cat(results)
 
 
-def predict_samples(model, samples, device, *, image_size, patch_size, tta, amp, fmt, images_per_chunk=4):
+def predict_samples(model, samples, device, *, image_size, patch_size, tta, amp, fmt, images_per_chunk=4,
+                    progress=False):
     """(K, H, W) float probabilities on the CPU, one per sample, at the sample's native resolution.
 
     The test set goes through the device a few images at a time and every result comes back to the
-    host at once, so device memory holds one chunk, whatever the size of the test set."""
+    host at once, so device memory holds one chunk, whatever the size of the test set. `progress` shows a
+    progress bar (on stderr) over the images."""
+    from tqdm import tqdm
+    bar = tqdm(total=len(samples), desc="predict", unit="image", disable=not progress, dynamic_ncols=True,
+               file=sys.stderr)
     restored = []
     for start in range(0, len(samples), images_per_chunk):
         chunk = samples[start:start + images_per_chunk]
@@ -55,6 +62,8 @@ def predict_samples(model, samples, device, *, image_size, patch_size, tta, amp,
         else:
             probs = predict_resized(model, chunk, device, image_size, tta=tta, amp=amp, fmt=fmt)
         restored.extend(prob.float().cpu() for prob in probs)
+        bar.update(len(chunk))
+    bar.close()
     return restored
 
 

@@ -12,6 +12,7 @@ import framework
 import networks
 import report
 import tasks
+from errors import UserError
 from live_plots import VisdomLogger
 
 
@@ -112,6 +113,9 @@ def train(settings, given=frozenset()):
     settings, resume = resumed_settings(settings, given)
     device = devices.select_device(settings["DEVICE"])
     rank, world_size = devices.distributed_context(device)
+    if settings["BATCH_SIZE"] % world_size:  # before the data is read
+        raise UserError(f"--batch-size {settings['BATCH_SIZE']} does not split over {world_size} processes; "
+                        f"use a multiple of {world_size}")
     devices.configure_speed(device)
     model, images, labels, pretrained_status = prepare(settings, rank)
     if resume:
