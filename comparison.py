@@ -38,11 +38,20 @@ def load_run(eval_dir):
         "summary": evaluated["summary"], "per_image": evaluated["per_image"], "protocol": evaluated["protocol"],
         "steps": payload.get("step"), "train_seconds": payload.get("train_seconds"),
         "eval_seconds": evaluated["seconds"]["total_after_load"], "pretrained": payload.get("pretrained"),
-        "train_machine": payload.get("machine", "not recorded"),
+        "train_machine": payload.get("machine"), "train_log": find_train_log(checkpoint, settings),
         "train_commit": payload.get("git_commit", "not recorded"),
         "train_command": training_command(settings),
         "eval_command": f"python test.py --checkpoint {checkpoint}",
     }
+
+
+def find_train_log(checkpoint, settings):
+    """The run's train_log.csv: beside the checkpoint, or in the run folder its settings name (a released
+    copy lives elsewhere); None when neither is on this disk."""
+    for folder in (Path(checkpoint).parent, Path(settings.get("WEIGHTS_DIR", "weights")) / settings.get("RUN_NAME", "")):
+        if (folder / "train_log.csv").is_file():
+            return str(folder / "train_log.csv")
+    return None
 
 
 def training_command(settings):
@@ -122,8 +131,10 @@ def render_markdown(title, runs, comparisons, metric_names, figures, notes=()):
             ["metric", "mean difference", f"images where {first['title']} is higher", "Wilcoxon p"], body))
     lines += ["## How these were made", ""]
     for run in runs:
-        lines += [f"- **{run['title']}**: {run['steps']} training steps in {minutes(run['train_seconds'])} on "
-                  f"{run['train_machine']}, code at commit `{run['train_commit']}`; encoder: {run['pretrained']}.",
+        machine = f" on {run['train_machine']}" if run["train_machine"] else ""
+        encoder = str(run["pretrained"]).removeprefix("encoder: ")
+        lines += [f"- **{run['title']}**: {run['steps']} training steps in {minutes(run['train_seconds'])}{machine}, "
+                  f"code at commit `{run['train_commit']}`; encoder: {encoder}.",
                   f"  - train: `{run['train_command']}`",
                   f"  - evaluate: `{run['eval_command']}` ({minutes(run['eval_seconds'])} on "
                   f"{run['protocol'].get('machine', run['protocol']['device'])}; test-time augmentation: "
@@ -137,14 +148,20 @@ def render_markdown(title, runs, comparisons, metric_names, figures, notes=()):
 
 
 def copy_figures(run, out, prefix, overlay):
-    """The first run's ROC plot, one overlay and its training curve, re-compressed into <out>/figures."""
+    """The first run's training curve (drawn from its train_log.csv), ROC plot and one overlay, re-compressed
+    into <out>/figures."""
     from PIL import Image
     source = Path(run["eval_dir"])
-    picks = [(source / "roc.png", f"{prefix}_roc.png"), (source / f"{overlay}_overlay.png", f"{prefix}_{overlay}_overlay.png"),
-             (Path(run["checkpoint"]).parent / "training_curve.png", f"{prefix}_training_curve.png")]
+    picks = [(source / "roc.png", f"{prefix}_roc.png"), (source / f"{overlay}_overlay.png", f"{prefix}_{overlay}_overlay.png")]
     figures = Path(out) / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     written = []
+    if run["train_log"]:
+        name = f"{prefix}_training_curve.png"
+        report.training_curve_plot(run["train_log"], figures / name, f"{run['title']}: training loss")
+        written.append(f"figures/{name}")
+    else:
+        print(f"notice: no train_log.csv found for {run['checkpoint']}; the training curve is left out")
     for path, name in picks:
         if not path.is_file():
             print(f"notice: {path} not found; {name} left out of the figures")
