@@ -90,6 +90,13 @@ def autocast(device, enabled):
 
 
 
+def inference_memory_format(device, channels_last):
+    """channels_last for prediction when asked for, on CUDA and on the CPU alike: on the CPU it is slower
+    for training (see memory_format) but faster for inference (CE-Net, 16 images of 608 x 608 on a
+    2-core AMD EPYC: 19.5 s against 25.2 s in NCHW)."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def memory_format(device, channels_last):
     """channels_last on CUDA when asked for; the CPU keeps NCHW (channels_last measured slower there)."""
     if channels_last and device.type == "cuda":

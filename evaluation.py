@@ -103,7 +103,7 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
     data.check_image_size(settings["PATCH_SIZE"] or settings["IMAGE_SIZE"])
     device = devices.select_device(settings["DEVICE"])
     devices.configure_speed(device)
-    fmt = devices.memory_format(device, settings["CHANNELS_LAST"])
+    fmt = devices.inference_memory_format(device, settings["CHANNELS_LAST"])
     model = model.to(device, memory_format=fmt)
     spec = tasks.dataset(settings["DATASET"])
     samples = tasks.load_split(settings["DATASET"], settings["DATA_ROOT"], "test",
