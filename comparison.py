@@ -150,7 +150,6 @@ def render_markdown(title, runs, comparisons, metric_names, figures, notes=()):
 def copy_figures(run, out, prefix, overlay):
     """The first run's training curve (drawn from its train_log.csv), ROC plot and one overlay, re-compressed
     into <out>/figures."""
-    from PIL import Image
     source = Path(run["eval_dir"])
     picks = [(source / "roc.png", f"{prefix}_roc.png"), (source / f"{overlay}_overlay.png", f"{prefix}_{overlay}_overlay.png")]
     figures = Path(out) / "figures"
@@ -166,8 +165,7 @@ def copy_figures(run, out, prefix, overlay):
         if not path.is_file():
             print(f"notice: {path} not found; {name} left out of the figures")
             continue
-        with Image.open(path) as picture:
-            picture.save(figures / name, optimize=True)  # test.py writes fast, large PNGs; these live in git
+        report.save_compressed_copy(path, figures / name)
         written.append(f"figures/{name}")
     return written
 

@@ -122,10 +122,7 @@ def release_checkpoint(source, target, **extra):
     payload["state_dict"] = {key: release_tensor(key, value) for key, value in payload["state_dict"].items()}
     payload.update(extra, weights_dtype="float16 (BatchNorm statistics and out-of-range tensors float32)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(target.name + ".partial")
-    torch.save(payload, temporary)
-    os.replace(temporary, target)
-    return target
+    return write_atomically(payload, target)
 
 
 def release_tensor(key, value):

@@ -71,6 +71,13 @@ def pictures(sample, prob, threshold):
 
 
 
+def save_compressed_copy(source, target):
+    """`source` PNG re-saved at full compression: test.py writes fast, large PNGs; copies that live in git
+    should be small."""
+    with Image.open(source) as picture:
+        picture.save(target, optimize=True)
+
+
 def save_png(array, path):
     Image.fromarray(array).save(path, compress_level=1)
 

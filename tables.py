@@ -152,7 +152,6 @@ def best_cenet(records):
 
 def copy_figures(records, out, table, previous):
     """Copy the best CE-Net run's ROC plot and two overlays into <out>/figures (re-compressed, small)."""
-    from PIL import Image
     best = best_cenet(records)
     figures = Path(out) / "figures"
     if best is None:
@@ -171,8 +170,7 @@ def copy_figures(records, out, table, previous):
     picks += [(path, f"{prefix}_{path.name}") for path in sorted(source.glob("*_overlay.png"))[:2]]
     files = []
     for path, name in picks:
-        with Image.open(path) as picture:
-            picture.save(figures / name, optimize=True)  # test.py writes fast, large PNGs; these live in git
+        report.save_compressed_copy(path, figures / name)
         files.append(f"figures/{name}")
     return {"run": best["run"], "recipe": best["recipe"], "seed": best["seed"],
             "FOV AUC": best["metrics"]["FOV AUC"], "eval_dir": best["eval_dir"], "files": files}
