@@ -8,6 +8,7 @@ import sys
 
 import constants
 import recipes
+from data import AUGMENTATIONS
 from errors import UserError
 
 
@@ -74,6 +75,7 @@ RANGES = {
     "NUM_FOLDS": (lambda value: value >= 2, "at least 2"),
     "CROP_SIZE": (lambda value: value > 0, "greater than 0"),
     "VISDOM_PORT": (lambda value: 0 < value < 65536, "a port number"),
+    "AUGMENT": (lambda value: value in AUGMENTATIONS, " or ".join(AUGMENTATIONS)),
 }
 
 

@@ -31,7 +31,7 @@ MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
 POLY_POWER = 0.9              # lr = LR * (1 - step / total_steps) ** POLY_POWER
 WARMUP_STEPS = 0              # linear warm-up of the LR over the first steps (0: none, as in the paper)
-AUGMENT = True                # dihedral flips, 90-110 % scaling, shift, HSV jitter
+AUGMENT = "paper"             # paper: dihedral flips, 90-110 % scaling, shift, HSV jitter; flips; none
 SEED = 0
 
 # --- machine ----------------------------------------------------------------------------

@@ -32,6 +32,14 @@ HUE_SHIFT = 30 / 180
 SATURATION_SHIFT = 5 / 255
 VALUE_SHIFT = 15 / 255
 
+# AUGMENT's choices. "flips" keeps only the 8 dihedral variants: exact label-preserving copies, which a
+# short run from random weights learns from fastest (see recipes.py).
+AUGMENTATIONS = {
+    "paper": {"flips": True, "scale_shift": True, "colour": True},
+    "flips": {"flips": True, "scale_shift": False, "colour": False},
+    "none": {"flips": False, "scale_shift": False, "colour": False},
+}
+
 
 # --------------------------------------------------------------------------------------------
 # Tensors
@@ -198,14 +206,17 @@ def hsv_to_rgb(hsv):
 # Augmentation
 # --------------------------------------------------------------------------------------------
 
-def random_affine(batch, generator, geometric=True):
+def random_affine(batch, generator, flips=True, scale_shift=True):
     """Per-sample 2x3 matrices (output -> input, normalised coordinates): dihedral variant, scale in
-    SCALE_RANGE, shift up to SHIFT_FRACTION of the side."""
+    SCALE_RANGE, shift up to SHIFT_FRACTION of the side. A part switched off is the identity; the same
+    numbers are drawn either way, so switching one part off leaves the others' draws unchanged."""
     variants = torch.randint(0, 8, (batch,), generator=generator)
     scales = torch.empty(batch).uniform_(*SCALE_RANGE, generator=generator)
     # Normalised coordinates span 2 units per side, so a shift of f of the side is 2f units.
     shifts = torch.empty(batch, 2).uniform_(-2 * SHIFT_FRACTION, 2 * SHIFT_FRACTION, generator=generator)
-    if not geometric:
+    if not flips:
+        variants.zero_()
+    if not scale_shift:
         scales.fill_(1.0)
         shifts.zero_()
     linear = DIHEDRAL_MATRICES[variants] / scales.view(-1, 1, 1)
@@ -221,11 +232,22 @@ def random_hsv_shifts(batch, generator, colour=True):
 
 
 
-def draw_augmentation(count, generator, geometric=True, colour=True):
-    """Random parameters for `count` samples, drawn on the CPU from `generator`, so a seed gives the
-    same augmentation on every device. The trainer draws a whole run's worth at once and uploads it
-    once; a step then only slices device tensors and never waits on a host-to-GPU copy."""
-    return random_affine(count, generator, geometric), random_hsv_shifts(count, generator, colour)
+def draw_augmentation(count, generator, mode="paper"):
+    """Random parameters for `count` samples under augmentation `mode` (a key of AUGMENTATIONS), drawn on
+    the CPU from `generator`, so a seed gives the same augmentation on every device. The trainer draws a
+    whole run's worth at once and uploads it once; a step then only slices device tensors and never waits
+    on a host-to-GPU copy."""
+    parts = augmentation_parts(mode)
+    return (random_affine(count, generator, parts["flips"], parts["scale_shift"]),
+            random_hsv_shifts(count, generator, parts["colour"]))
+
+
+
+def augmentation_parts(mode):
+    """Which transforms augmentation `mode` applies; one clear error for an unknown name."""
+    if mode not in AUGMENTATIONS:
+        raise UserError(f"unknown augmentation {mode!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+    return AUGMENTATIONS[mode]
 
 
 
@@ -282,9 +304,9 @@ def apply_augmentation(images, labels, theta, hsv_shifts, out_size=None):
 
 
 
-def augment(images, labels, generator, geometric=True, colour=True):
-    """The paper's augmentation on a batch (any device), parameters drawn from `generator`."""
-    theta, shifts = draw_augmentation(images.shape[0], generator, geometric, colour)
+def augment(images, labels, generator, mode="paper"):
+    """Augmentation `mode` on a batch (any device), parameters drawn from `generator`."""
+    theta, shifts = draw_augmentation(images.shape[0], generator, mode)
     return apply_augmentation(images, labels, theta.to(images.device), shifts.to(images.device))
 
 

@@ -225,7 +225,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     warmup_steps: int = 0
-    augment: bool = True
+    augment: str = "paper"   # a key of data.AUGMENTATIONS
     patch_size: int = 0
     seed: int = 0
     amp: bool = True
@@ -237,7 +237,10 @@ class TrainConfig:
     def from_settings(cls, settings, **overrides):
         values = {field.name: settings[field.name.upper()] for field in dataclasses.fields(cls)
                   if field.name.upper() in settings}
-        return cls(**{**values, **overrides})
+        values = {**values, **overrides}
+        if isinstance(values.get("augment"), bool):  # runs saved when AUGMENT was on/off
+            values["augment"] = "paper" if values["augment"] else "none"
+        return cls(**values)
 
 
 def poly_lr(base_lr, step, total_steps, power, warmup_steps=0):
@@ -337,7 +340,7 @@ class Trainer:
         stream = data.BatchStream(num_images, batch_size, seed, self.rank, self.world_size)
         indices = torch.stack([stream.next() for _ in range(steps)])
         generator = torch.Generator().manual_seed(seed * 1000 + self.rank)
-        theta, hsv = data.draw_augmentation(steps * batch_size, generator, geometric=augment, colour=augment)
+        theta, hsv = data.draw_augmentation(steps * batch_size, generator, augment)
         plan = {"indices": indices, "theta": theta.view(steps, batch_size, 2, 3),
                 "hsv": hsv.view(steps, batch_size, 3)}
         patch = self.config.patch_size
@@ -357,7 +360,7 @@ class Trainer:
         if self.config.patch_size:  # the crop is one resampling with the augmentation (identity when off)
             images, labels = data.apply_augmentation(images, labels, self.plan["theta"][step],
                                                      self.plan["hsv"][step], out_size=self.config.patch_size)
-        elif self.config.augment:
+        elif self.config.augment != "none":
             images, labels = data.apply_augmentation(images, labels, self.plan["theta"][step],
                                                      self.plan["hsv"][step])
         images = data.normalize(images).contiguous(memory_format=self.format)

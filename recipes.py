@@ -8,8 +8,8 @@ RECIPES = {
     "faithful": {},
     "hires": {"IMAGE_SIZE": 576, "EPOCHS": 1000},
     "hires_dice_bce": {"IMAGE_SIZE": 576, "EPOCHS": 1000, "LOSS": "dice_bce"},
-    "cpu": {"PATCH_SIZE": 256, "OPTIMIZER": "adamw", "LR": 2e-3, "WARMUP_STEPS": 30, "LOSS": "dice_bce",
-            "EPOCHS": 115, "PRETRAINED": "none"},
+    "cpu": {"PATCH_SIZE": 256, "BATCH_SIZE": 4, "AUGMENT": "flips", "OPTIMIZER": "adamw", "LR": 2e-3,
+            "WARMUP_STEPS": 30, "LOSS": "dice_bce", "EPOCHS": 150, "PRETRAINED": "none"},
 }
 
 RECIPE_WHY = {

@@ -85,7 +85,7 @@ def test_augmentation_moves_label_with_image():
     images[:, :, 10:20, 30:42] = 1.0
     labels[:, 10:20, 30:42] = 1
     generator = torch.Generator().manual_seed(3)
-    out_images, out_labels = data.augment(images, labels, generator, colour=False)
+    out_images, out_labels = data.augment(images, labels, generator, mode="flips")
     assert out_labels.dtype == torch.uint8 and set(out_labels.unique().tolist()) <= {0, 1}
     moved_somewhere = False
     for image, label in zip(out_images, out_labels):
@@ -112,7 +112,7 @@ def test_augmentation_is_seeded_and_keeps_range(small_drive):
 def test_multiclass_labels_survive_augmentation():
     labels = torch.arange(11, dtype=torch.uint8).repeat_interleave(6)[:64].view(64, 1).expand(64, 64)[None]
     labels = labels.repeat(4, 1, 1).contiguous()
-    _, out = data.augment(torch.rand(4, 3, 64, 64), labels, torch.Generator().manual_seed(0), colour=False)
+    _, out = data.augment(torch.rand(4, 3, 64, 64), labels, torch.Generator().manual_seed(0))
     assert set(out.unique().tolist()) <= set(range(11))
 
 
