@@ -11,7 +11,9 @@ What is measured, all through the code main.py and test.py run:
   on the device, forward, loss, backward, SGD, poly LR), --steps steps timed after --warmup untimed ones
   (the warm-up absorbs torch.compile and cuDNN autotuning); img/s counts the global batch;
 - peak GPU memory of those training steps (torch.cuda.max_memory_allocated; n/a on the CPU);
-- inference: inference.predict without TTA on a batch of BATCH_SIZE images, eval mode, in each process;
+- inference: inference.predict without TTA on a batch of BATCH_SIZE images, eval mode, in each process,
+  with the memory layout test.py uses; always eager, as test.py predicts with the uncompiled model (so a
+  "+ compile" row speeds up training only);
 - evaluate: evaluation.evaluate on the whole test split (TTA when TTA is on, metrics, every PNG, ROC plot,
   metrics.json) into a temporary folder, timed after the model is loaded, as test.py reports it;
 - a projection of a full main.py run with these settings (start-up + warm-up + remaining steps).
@@ -78,11 +80,13 @@ def parse_args(argv=None):
 
 
 def describe(settings, device, world_size):
-    """What actually runs, after the CPU has dropped the CUDA-only options."""
+    """What actually runs, after the device has dropped the options it does not use (bf16 / fp16 by GPU,
+    channels_last on CUDA only, no compile under torchrun on GPUs: see framework.compile_useful)."""
     cuda = device.type == "cuda"
-    precision = "bf16" if settings["AMP"] and cuda else "fp32"
+    dtype = devices.amp_dtype(device, settings["AMP"])
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 + loss scaling"}[dtype]
     layout = "channels_last" if settings["CHANNELS_LAST"] and cuda else "NCHW"
-    compiled = "compiled" if settings["COMPILE"] else "eager"
+    compiled = "compiled" if settings["COMPILE"] and not (cuda and world_size > 1) else "eager"
     processes = f" x{world_size} processes" if world_size > 1 else ""
     return f"{precision}, {layout}, {compiled}, batch {settings['BATCH_SIZE']}{processes}"
 
@@ -122,9 +126,10 @@ def measure(settings, args, device, rank, world_size, workdir):
     images = trainer.images[torch.arange(count, device=device) % len(trainer.images)]
     if config.patch_size:
         images = data.pad_to_square(images, data.padded_side(*images.shape[-2:]))
-    batch = data.normalize(images)
+    batch = data.normalize(images, settings["PREPROCESS"])
+    fmt = devices.inference_memory_format(device, settings["CHANNELS_LAST"])
     infer = lambda: inference.predict(trainer.model, batch, device, tta=False, amp=settings["AMP"],
-                                      fmt=trainer.format, images_per_batch=count)
+                                      fmt=fmt, images_per_batch=count)
     for _ in range(max(1, args.warmup)):
         infer()
     clock = devices.timed(device)
@@ -136,7 +141,7 @@ def measure(settings, args, device, rank, world_size, workdir):
         "train throughput (img/s)": settings["BATCH_SIZE"] * args.steps / train_seconds,
         "train step (ms)": 1000 * step_seconds,
         "peak GPU memory, training (GiB)": peak,
-        "inference throughput, no TTA (img/s)": count * args.steps / infer_seconds,
+        "inference throughput, eager, no TTA (img/s)": count * args.steps / infer_seconds,
         "start-up: read data, build model (s)": startup,
         f"warm-up, {args.warmup} steps (s)": warmup_seconds,
         f"projected main.py run, {full_run_steps} steps (s)":
@@ -189,14 +194,14 @@ def print_comparison(rows):
     first = rows[0][2]["train throughput (img/s)"]
     evaluate_key = next((key for key in rows[0][2] if key.startswith("evaluate ") and "after model load" in key),
                         None)
-    print("\n| configuration | runs as | train img/s | speed-up | peak GPU memory (GiB) | inference img/s |"
+    print("\n| configuration | runs as | train img/s | speed-up | peak GPU memory (GiB) | inference img/s (eager) |"
           + (" evaluate (s) |" if evaluate_key else ""))
     print("|---|---|---|---|---|---|" + ("---|" if evaluate_key else ""))
     for label, effective, figures in rows:
         throughput = figures["train throughput (img/s)"]
         cells = [label, effective, number(throughput), f"{throughput / first:.2f}x",
                  number(figures["peak GPU memory, training (GiB)"]),
-                 number(figures["inference throughput, no TTA (img/s)"])]
+                 number(figures["inference throughput, eager, no TTA (img/s)"])]
         if evaluate_key:
             cells.append(number(figures.get(evaluate_key)))
         print("| " + " | ".join(cells) + " |")
@@ -206,7 +211,7 @@ def run(args, settings):
     device = devices.select_device(settings["DEVICE"])
     rank, world_size = devices.distributed_context(device)
     settings["DEVICE"] = str(device)  # evaluate() picks the same device, without a second notice
-    devices.configure_speed(device)
+    devices.configure_speed(device, settings["DETERMINISTIC"])
     cpu = f"CPU, {torch.get_num_threads()} thread(s)"
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     config = framework.TrainConfig.from_settings(settings, sgd_kernel=args.sgd_kernel or "")

@@ -8,7 +8,7 @@ import sys
 
 import constants
 import recipes
-from data import AUGMENTATIONS
+from data import AUGMENTATIONS, PREPROCESSINGS
 from errors import UserError
 
 
@@ -76,6 +76,8 @@ RANGES = {
     "CROP_SIZE": (lambda value: value > 0, "greater than 0"),
     "VISDOM_PORT": (lambda value: 0 < value < 65536, "a port number"),
     "AUGMENT": (lambda value: value in AUGMENTATIONS, " or ".join(AUGMENTATIONS)),
+    "PREPROCESS": (lambda value: value in PREPROCESSINGS, " or ".join(PREPROCESSINGS)),
+    "PROTOCOL": (lambda value: value in ("ours", "authors"), "ours or authors"),
 }
 
 

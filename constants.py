@@ -15,6 +15,8 @@ PATCH_SIZE = 0                # 0: whole images resized to IMAGE_SIZE (the paper
 FOLD = 0                      # cross-validation fold, for datasets evaluated by k-fold
 NUM_FOLDS = 5                 # number of folds for those datasets
 CROP_SIZE = 800               # optic disc (ORIGA, Messidor): side of the crop around the brightest point
+PREPROCESS = "ours"           # ours: RGB, ImageNet mean/std; authors: as the authors' code (BGR, x/255*3.2-1.6).
+                              # Checkpoints record theirs, and test.py follows the checkpoint
 
 # --- model ------------------------------------------------------------------------------
 MODEL = "cenet"               # see networks.MODELS (cenet, backbone, backbone_dac, ..., unet)
@@ -31,20 +33,24 @@ MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
 POLY_POWER = 0.9              # lr = LR * (1 - step / total_steps) ** POLY_POWER
 WARMUP_STEPS = 0              # linear warm-up of the LR over the first steps (0: none, as in the paper)
-AUGMENT = "paper"             # paper: dihedral flips, 90-110 % scaling, shift, HSV jitter; flips; none
+AUGMENT = "paper"             # paper: dihedral flips, 90-110 % scaling, shift, HSV jitter; authors_code: as
+                              # the authors' code (each with probability 0.5, aspect jitter); flips; none
 SEED = 0
 
 # --- machine ----------------------------------------------------------------------------
 DEVICE = "auto"               # auto (CUDA if present), cuda, cpu
-AMP = True                    # bf16 autocast on CUDA; ignored on CPU
-CHANNELS_LAST = True          # memory format on CUDA; ignored on CPU
-COMPILE = False               # torch.compile the model (falls back with a notice if it fails)
+AMP = True                    # CUDA autocast: bf16 on compute capability >= 8.0, else fp16 + loss scaling; CPU: fp32
+CHANNELS_LAST = True          # memory format on CUDA, and for prediction on the CPU (measured faster there)
+COMPILE = False               # torch.compile the model (falls back with a notice if it fails; off under
+                              # torchrun on GPUs, where SyncBatchNorm breaks the graph at every BatchNorm)
+DETERMINISTIC = False         # True: bit-identical reruns on CUDA (no cuDNN autotuning, no TF32; slower)
 
 # --- output -----------------------------------------------------------------------------
 RUN_NAME = ""                 # empty: <dataset>_<model>_<date-time>
 WEIGHTS_DIR = "weights"
 RESULTS_DIR = "results"
 THRESHOLD = 0.5               # probability threshold for binary masks and Acc/Sen/Spe/F1
+PROTOCOL = "ours"             # ours: native resolution, whole image and FOV; authors: their test_cenet.py (DRIVE)
 TTA = True                    # 8-way dihedral test-time augmentation
 VISDOM_SERVER = "http://localhost"
 VISDOM_PORT = 8097

@@ -22,6 +22,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# PREPROCESS's choices: how an image becomes the network's input. A model only means something with the
+# preprocessing it was trained with, so checkpoints record it and test.py uses the recorded one.
+PREPROCESSINGS = {
+    "ours": "RGB, antialiased bilinear resize, ImageNet mean/std (the encoder's pretraining statistics)",
+    "authors": "the CE-Net authors' released code: OpenCV's BGR channel order, bilinear resize without "
+               "antialiasing (OpenCV's INTER_LINEAR, to within one grey level), x / 255 * 3.2 - 1.6",
+}
+
 
 # Augmentation magnitudes. The paper names the transforms but not their ranges beyond the scale;
 # shift and colour ranges follow the authors' released code (shift 10 % of the side, hue ±30/180 of
@@ -32,10 +40,15 @@ HUE_SHIFT = 30 / 180
 SATURATION_SHIFT = 5 / 255
 VALUE_SHIFT = 15 / 255
 
-# AUGMENT's choices. "flips" keeps only the 8 dihedral variants: exact label-preserving copies, which a
-# short run from random weights learns from fastest (see recipes.py).
+# AUGMENT's choices. "paper" applies every transform to every sample. "authors_code" follows the authors'
+# released data.py: each transform with probability 0.5, an aspect-ratio jitter of +-10 % besides the
+# scale, and the colour jitter before the geometric warp (so the black border stays black). "flips" keeps
+# only the 8 dihedral variants: exact, label-preserving copies, which a short run from random weights
+# learns from fastest (see recipes.py).
 AUGMENTATIONS = {
     "paper": {"flips": True, "scale_shift": True, "colour": True},
+    "authors_code": {"flips": True, "scale_shift": True, "colour": True, "probability": 0.5, "aspect": 0.1,
+                     "colour_first": True},
     "flips": {"flips": True, "scale_shift": False, "colour": False},
     "none": {"flips": False, "scale_shift": False, "colour": False},
 }
@@ -53,10 +66,12 @@ def check_image_size(size):
 
 
 
-def resize_image(image, size):
-    """(H, W, 3) uint8 array -> (3, size, size) uint8 tensor, antialiased bilinear."""
+def resize_image(image, size, preprocess="ours"):
+    """(H, W, 3) uint8 array -> (3, size, size) uint8 tensor, bilinear: antialiased for "ours"; plain, with
+    half-pixel centres, as OpenCV's cv2.resize does, for "authors"."""
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    resized = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    resized = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=preprocess == "ours",
+                            align_corners=False)
     return resized[0].round().clamp(0, 255).to(torch.uint8)
 
 
@@ -73,9 +88,9 @@ def resize_label(label, size, num_classes):
 
 
 
-def stack_samples(samples, size, num_classes):
+def stack_samples(samples, size, num_classes, preprocess="ours"):
     """Decode once: all images (N, 3, S, S) and labels (N, S, S) as uint8 tensors."""
-    images = torch.stack([resize_image(sample.image, size) for sample in samples])
+    images = torch.stack([resize_image(sample.image, size, preprocess) for sample in samples])
     labels = torch.stack([resize_label(sample.label, size, num_classes) for sample in samples])
     return images, labels
 
@@ -109,10 +124,15 @@ def pad_to_square(images, side):
 
 
 
-def normalize(images):
-    """uint8 or [0, 1] float batch -> ImageNet-normalised float (the encoder's pretraining statistics)."""
+def normalize(images, preprocess="ours"):
+    """uint8 or [0, 1] float RGB batch -> the network's input: ImageNet-normalised ("ours"), or BGR scaled
+    to [-1.6, 1.6] ("authors": x / 255 * 3.2 - 1.6)."""
     if images.dtype == torch.uint8:
         images = images.float() / 255
+    if preprocess == "authors":
+        return images.flip(1) * 3.2 - 1.6
+    if preprocess != "ours":
+        raise UserError(f"unknown preprocessing {preprocess!r}; choose one of: {', '.join(PREPROCESSINGS)}")
     mean = device_constant(IMAGENET_MEAN, images.device, images.dtype)
     std = device_constant(IMAGENET_STD, images.device, images.dtype)
     return (images - mean) / std
@@ -206,28 +226,40 @@ def hsv_to_rgb(hsv):
 # Augmentation
 # --------------------------------------------------------------------------------------------
 
-def random_affine(batch, generator, flips=True, scale_shift=True):
+def random_affine(batch, generator, flips=True, scale_shift=True, aspect=0.0, probability=1.0):
     """Per-sample 2x3 matrices (output -> input, normalised coordinates): dihedral variant, scale in
-    SCALE_RANGE, shift up to SHIFT_FRACTION of the side. A part switched off is the identity; the same
-    numbers are drawn either way, so switching one part off leaves the others' draws unchanged."""
+    SCALE_RANGE, shift up to SHIFT_FRACTION of the side; with `aspect` a, the two axes are scaled by
+    s * sqrt(r) and s / sqrt(r), r uniform in [1 - a, 1 + a]; scale and shift apply to a sample with
+    `probability`. A part switched off is the identity; the numbers of the default parts are drawn either
+    way, so switching one part off leaves the others' draws unchanged."""
     variants = torch.randint(0, 8, (batch,), generator=generator)
     scales = torch.empty(batch).uniform_(*SCALE_RANGE, generator=generator)
     # Normalised coordinates span 2 units per side, so a shift of f of the side is 2f units.
     shifts = torch.empty(batch, 2).uniform_(-2 * SHIFT_FRACTION, 2 * SHIFT_FRACTION, generator=generator)
+    ratios = torch.empty(batch).uniform_(1 - aspect, 1 + aspect, generator=generator) if aspect \
+        else torch.ones(batch)
+    if probability < 1:
+        skipped = torch.rand(batch, generator=generator) >= probability
+        scales[skipped], ratios[skipped], shifts[skipped] = 1.0, 1.0, 0.0
     if not flips:
         variants.zero_()
     if not scale_shift:
         scales.fill_(1.0)
+        ratios.fill_(1.0)
         shifts.zero_()
-    linear = DIHEDRAL_MATRICES[variants] / scales.view(-1, 1, 1)
+    axis_scales = torch.stack([scales * ratios.sqrt(), scales / ratios.sqrt()], dim=1)
+    linear = DIHEDRAL_MATRICES[variants] / axis_scales[:, None, :]
     return torch.cat([linear, shifts[:, :, None]], dim=2)
 
 
 
-def random_hsv_shifts(batch, generator, colour=True):
-    """Per-sample (hue, saturation, value) shifts, uniform within the limits above."""
+def random_hsv_shifts(batch, generator, colour=True, probability=1.0):
+    """Per-sample (hue, saturation, value) shifts, uniform within the limits above, applied to a sample
+    with `probability` (zero shifts otherwise)."""
     limits = torch.tensor([HUE_SHIFT, SATURATION_SHIFT, VALUE_SHIFT])
     shifts = (torch.rand(batch, 3, generator=generator) * 2 - 1) * limits
+    if probability < 1:
+        shifts[torch.rand(batch, generator=generator) >= probability] = 0.0
     return shifts if colour else torch.zeros_like(shifts)
 
 
@@ -238,8 +270,10 @@ def draw_augmentation(count, generator, mode="paper"):
     whole run's worth at once and uploads it once; a step then only slices device tensors and never waits
     on a host-to-GPU copy."""
     parts = augmentation_parts(mode)
-    return (random_affine(count, generator, parts["flips"], parts["scale_shift"]),
-            random_hsv_shifts(count, generator, parts["colour"]))
+    probability = parts.get("probability", 1.0)
+    return (random_affine(count, generator, parts["flips"], parts["scale_shift"], parts.get("aspect", 0.0),
+                          probability),
+            random_hsv_shifts(count, generator, parts["colour"], probability))
 
 
 
@@ -283,8 +317,9 @@ def crop_affine(theta, centres, crop, height, width):
 
 
 
-def apply_augmentation(images, labels, theta, hsv_shifts, out_size=None):
-    """Resample image and label through the same affine grid, then jitter the image's colour.
+def apply_augmentation(images, labels, theta, hsv_shifts, out_size=None, colour_first=False):
+    """Resample image and label through the same affine grid, and jitter the image's colour: after the
+    resampling, or before it with `colour_first` (as the authors' code does: the border stays black).
 
     images: (B, 3, H, W) float in [0, 1]; labels: (B, H, W) integer class map; theta (B, 2, 3) and
     hsv_shifts (B, 3) on the images' device. The output is out_size x out_size (default: the input's
@@ -296,18 +331,23 @@ def apply_augmentation(images, labels, theta, hsv_shifts, out_size=None):
             raise ValueError(f"augmentation needs square images, got {tuple(images.shape[-2:])}")
         out_size = images.shape[-1]
     shape = [images.shape[0], images.shape[1], out_size, out_size]
+    if colour_first:
+        images = jitter_hsv(images, hsv_shifts)
     grid = F.affine_grid(theta.to(images.dtype), shape, align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     moved = F.grid_sample(labels[:, None].to(images.dtype), grid, mode="nearest", padding_mode="zeros",
                           align_corners=False)
-    return jitter_hsv(images, hsv_shifts), moved[:, 0].round().to(labels.dtype)
+    if not colour_first:
+        images = jitter_hsv(images, hsv_shifts)
+    return images, moved[:, 0].round().to(labels.dtype)
 
 
 
 def augment(images, labels, generator, mode="paper"):
     """Augmentation `mode` on a batch (any device), parameters drawn from `generator`."""
     theta, shifts = draw_augmentation(images.shape[0], generator, mode)
-    return apply_augmentation(images, labels, theta.to(images.device), shifts.to(images.device))
+    return apply_augmentation(images, labels, theta.to(images.device), shifts.to(images.device),
+                              colour_first=augmentation_parts(mode).get("colour_first", False))
 
 
 

@@ -14,24 +14,49 @@ from errors import UserError
 
 
 def select_device(name):
-    """'auto' takes CUDA when present and says so when it falls back; 'cuda' insists."""
+    """'auto' takes CUDA when torch can use it and says loudly why not when it cannot; 'cuda' insists."""
     if name not in ("auto", "cuda", "cpu") and not name.startswith("cuda:"):
         raise UserError(f"device {name!r} not understood; use auto, cuda, cuda:N or cpu")
     if name == "cpu":
         return torch.device("cpu")
+    processes = int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
         if name in ("auto", "cuda"):  # under torchrun each process takes its own GPU
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if processes > 1:
             raise UserError(f"--device {name} under torchrun would put every process on one GPU; use --device cuda "
                             f"(each process takes GPU LOCAL_RANK) and CUDA_VISIBLE_DEVICES to choose the GPUs")
         return torch.device(name)
-    if name == "auto":
-        print("notice: CUDA is not available, running on the CPU (slow; fine for tests and tiny runs)",
-              file=sys.stderr)
-        return torch.device("cpu")
-    raise UserError(f"--device {name} was asked for but CUDA is not available on this machine; "
-                    f"use --device cpu or --device auto")
+    reason = cuda_unusable_reason()
+    if name != "auto":
+        raise UserError(f"--device {name} was asked for but CUDA is not available on this machine ({reason}); "
+                        f"use --device cpu or --device auto")
+    if processes > 1:
+        raise UserError(f"torchrun started {processes} processes but CUDA is not usable ({reason}); fix the "
+                        f"install (see the README), or pass --device cpu to train on CPU processes on purpose")
+    print(f"WARNING: CUDA is not available ({reason}): running on the CPU, which is slow (fine for tests and "
+          f"tiny runs). {CUDA_HINT}", file=sys.stderr)
+    return torch.device("cpu")
+
+
+CUDA_HINT = ("For a GPU, install the torch build that matches its driver (see requirements.txt), or pass "
+             "--device cpu to silence this.")
+
+
+def cuda_unusable_reason():
+    """Torch's own words for why it cannot use CUDA: a CPU-only build, no driver, a driver too old for the
+    build's CUDA version, no visible device."""
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return f"this torch {torch.__version__} is a CPU-only build"
+    try:
+        torch.cuda.init()
+    except Exception as error:  # torch words each cause differently, in a RuntimeError or an AssertionError
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return f"torch {torch.__version__} built for CUDA {torch.version.cuda}: {first_line[:200]}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return f"no CUDA device visible with CUDA_VISIBLE_DEVICES={visible!r}"
+    return "torch sees no CUDA device"
 
 
 
@@ -72,21 +97,53 @@ def close_distributed(finished=True):
 
 
 
-def configure_speed(device):
-    """cudnn autotuning and TF32 on CUDA: free speed for fixed-size inputs."""
+def configure_speed(device, deterministic=False):
+    """cudnn autotuning and TF32 on CUDA: free speed for fixed-size inputs, but runs then differ slightly
+    (autotuning may pick other kernels, TF32 rounds matmuls, some backward kernels add in any order).
+    `deterministic` trades that speed for bit-identical reruns on the same machine and software: fixed
+    cuDNN algorithms, no TF32, and torch's deterministic kernels (an error names any operation that has
+    none; the models and losses here avoid those). CPU runs are deterministic either way."""
+    if deterministic:
+        # cuBLAS reads this when it starts, i.e. at the first matmul, which has not happened yet.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cuda.matmul.allow_tf32 = not deterministic
+        torch.backends.cudnn.allow_tf32 = not deterministic
         torch.cuda.set_device(device)
 
 
 
+def amp_dtype(device, enabled):
+    """The autocast precision of AMP on `device`: bf16 on GPUs of compute capability 8.0 or newer (A100,
+    RTX 30xx and later), fp16 on older ones (V100, T4, RTX 20xx), where bf16 convolutions are emulated
+    and slower than fp32; None (fp32) on the CPU or when AMP is off."""
+    if not enabled or device.type != "cuda":
+        return None
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def precision_name(device, enabled):
+    """How a run computes, for its start-up line: 'bf16 autocast', 'fp16 autocast + loss scaling', 'fp32'."""
+    dtype = amp_dtype(device, enabled)
+    if dtype is None:
+        return "fp32"
+    if dtype == torch.float16:
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"fp16 autocast + loss scaling (compute capability {major}.{minor} has no fast bf16)"
+    return "bf16 autocast"
+
+
+
 def autocast(device, enabled):
-    """bf16 autocast on CUDA when enabled; a no-op elsewhere (CPU runs stay fp32 and exact)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """Autocast in amp_dtype on CUDA when enabled; a no-op elsewhere (CPU runs stay fp32 and exact)."""
+    dtype = amp_dtype(device, enabled)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
 
 
 

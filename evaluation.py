@@ -16,13 +16,18 @@ import devices
 import framework
 import inference
 import metrics
+import networks
 import report
 import tasks
 from errors import UserError
 
 # What a checkpoint's model is and which images it belongs to: taken from the checkpoint. A flag may
 # still change the evaluation size or the fold (with a notice); model and dataset must match.
-MODEL_KEYS = ("MODEL", "DATASET", "IMAGE_SIZE", "PATCH_SIZE", "FOLD", "NUM_FOLDS", "CROP_SIZE")
+MODEL_KEYS = ("MODEL", "DATASET", "IMAGE_SIZE", "PATCH_SIZE", "PREPROCESS", "FOLD", "NUM_FOLDS", "CROP_SIZE")
+
+# How the authors' released CE-Net was trained and tested (their main.py and test_cenet.py): whole images
+# resized to 448, their preprocessing.
+AUTHORS_TRAINING = {"MODEL": "cenet", "IMAGE_SIZE": 448, "PATCH_SIZE": 0, "PREPROCESS": "authors"}
 MUST_MATCH = ("MODEL", "DATASET")
 
 
@@ -44,8 +49,9 @@ def settings_for(trained, settings, given, path):
         merged[key] = trained[key]
     # The data a model was trained on is the natural default for its test split, where that folder
     # exists on this machine (a released checkpoint names a folder of the machine that trained it).
-    if "DATA_ROOT" not in given and Path(trained.get("DATA_ROOT", "")).is_dir():
-        merged["DATA_ROOT"] = trained["DATA_ROOT"]
+    trained_root = trained.get("DATA_ROOT")
+    if "DATA_ROOT" not in given and trained_root and Path(trained_root).is_dir():
+        merged["DATA_ROOT"] = trained_root
     return merged
 
 
@@ -61,6 +67,14 @@ def load_model(path, settings, given):
         merged = dict(settings)
         state_dict = payload.get("state_dict", payload.get("model", payload))
         num_classes = tasks.dataset(settings["DATASET"]).num_classes
+        if isinstance(state_dict, dict):
+            state_dict = framework.clean_state_dict(state_dict)
+            if networks.is_authors_state_dict(state_dict):
+                state_dict = networks.from_authors_names(state_dict)
+                merged = settings_for(AUTHORS_TRAINING, settings, given, path)
+                print(f"notice: {path} is a CE-Net checkpoint in the authors' format; its tensors were renamed "
+                      f"to this repository's CE-Net, and it is evaluated with their preprocessing "
+                      f"({merged['PREPROCESS']}) at {merged['IMAGE_SIZE']} px", file=sys.stderr)
     expected = tasks.dataset(merged["DATASET"]).num_classes
     if num_classes != expected:
         raise UserError(f"checkpoint {path} predicts {num_classes} classes but dataset "
@@ -97,30 +111,49 @@ def save_pictures(samples, probs, curves, out, threshold, title):
             report.roc_plot(curves, out / "roc.png", title)
 
 
+def check_protocol(settings, spec):
+    """--protocol authors needs a dataset whose authors' protocol is known and a model that predicts resized
+    images (theirs binarises at the network's size)."""
+    if settings["PROTOCOL"] != "authors":
+        return
+    if spec.authors_score is None:
+        raise UserError(f"--protocol authors is defined for DRIVE only (the authors' test_cenet.py); "
+                        f"use --protocol ours for {settings['DATASET']!r}")
+    if settings["PATCH_SIZE"]:
+        raise UserError("--protocol authors thresholds at the network's input size, but this checkpoint was "
+                        "trained on crops and predicts at native resolution; use --protocol ours")
+
+
 def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
     """Predict, score and save; returns (summary dict, output folder, seconds after the model is loaded)."""
     model, settings, payload = load_model(checkpoint, settings, given)
     data.check_image_size(settings["PATCH_SIZE"] or settings["IMAGE_SIZE"])
     device = devices.select_device(settings["DEVICE"])
-    devices.configure_speed(device)
+    devices.configure_speed(device, settings["DETERMINISTIC"])
     fmt = devices.inference_memory_format(device, settings["CHANNELS_LAST"])
     model = model.to(device, memory_format=fmt)
     spec = tasks.dataset(settings["DATASET"])
+    check_protocol(settings, spec)
     samples = tasks.load_split(settings["DATASET"], settings["DATA_ROOT"], "test",
                                tasks.SplitOptions.from_settings(settings))
     out = Path(out_dir) if out_dir else Path(settings["RESULTS_DIR"]) / Path(checkpoint).parent.name
     out = framework.new_run_dir(out.parent, out.name)  # only now: a bad input leaves no empty folder
 
     start = devices.timed(device)
+    as_authors = settings["PROTOCOL"] == "authors"
     probs = inference.predict_samples(model, samples, device, image_size=settings["IMAGE_SIZE"],
                                       patch_size=settings["PATCH_SIZE"], tta=settings["TTA"], amp=settings["AMP"],
-                                      fmt=fmt, progress=True)
+                                      fmt=fmt, preprocess=settings["PREPROCESS"], restore_size=not as_authors,
+                                      progress=True)
     rows, curves = [], {}
-    for sample, prob in zip(samples, probs):
-        row, curve = spec.score(prob, sample, settings["THRESHOLD"])
+    for index, (sample, prob) in enumerate(zip(samples, probs)):
+        if as_authors:
+            row, probs[index] = spec.authors_score(prob, sample, settings["THRESHOLD"])
+        else:
+            row, curve = spec.score(prob, sample, settings["THRESHOLD"])
+            if curve is not None:
+                curves[sample.name] = curve
         rows.append(row)
-        if curve is not None:
-            curves[sample.name] = curve
     predict_seconds = devices.timed(device) - start
     empty = empty_predictions(samples, probs, settings["THRESHOLD"])
     if empty:
@@ -143,16 +176,17 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
         "image_size": None if settings["PATCH_SIZE"] else settings["IMAGE_SIZE"],
         "input": "whole image at native resolution, zero-padded to a multiple of 32" if settings["PATCH_SIZE"]
                  else f"resized to {settings['IMAGE_SIZE']}x{settings['IMAGE_SIZE']}, probabilities resized back",
-        "tta": settings["TTA"], "threshold": settings["THRESHOLD"],
+        "preprocess": settings["PREPROCESS"], "tta": settings["TTA"], "threshold": settings["THRESHOLD"],
         "amp": settings["AMP"] and device.type == "cuda", "device": str(device),
         "machine": devices.machine_name(device),
         "pretrained": payload.get("pretrained", "unknown"), "train_steps": payload.get("step"),
-        "evaluation": spec.notes, "empty_predictions": empty, "labels_without_foreground": unlabelled,
+        "scoring": settings["PROTOCOL"],
+        "evaluation": spec.authors_notes if as_authors else spec.notes, "empty_predictions": empty, "labels_without_foreground": unlabelled,
     }
     report.write_json(out / "metrics.json", {
         "protocol": protocol, "summary": summary, "per_image": dict(zip(names, rows)),
         "seconds": {"predict_and_score": round(predict_seconds, 3), "total_after_load": round(total_seconds, 3)},
     })
     report.write_text(out / "metrics.md", f"# {settings['MODEL']} on {settings['DATASET']} test\n\n"
-                                          f"{spec.notes}\n\n{per_image_table(rows, summary, names)}")
+                                          f"{protocol['evaluation']}\n\n{per_image_table(rows, summary, names)}")
     return summary, out, total_seconds

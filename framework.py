@@ -4,6 +4,7 @@
 - `Trainer`: SGD (or AdamW) + poly LR on in-memory tensors with batch augmentation on the device;
 - checkpoints that record everything test.py needs, and load whatever wrapper saved them.
 """
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -15,7 +16,7 @@ import torch
 import data
 import loss as losses
 import networks
-from devices import autocast, memory_format, to_device
+from devices import amp_dtype, autocast, memory_format, to_device
 from errors import UserError
 from inference import predict
 
@@ -93,7 +94,8 @@ def save_resume_point(path, trainer, settings, log_lines, **extra):
     Batch order, crop positions and augmentation come from the seed, so they need no saving."""
     payload = {"format": RESUME_FORMAT, "settings": checkpoint_settings(settings), "step": trainer.step_count,
                "state_dict": clean_state_dict(unwrap(trainer.model).state_dict()),
-               "optimizer": trainer.optimizer.state_dict(), "log": list(log_lines), **extra}
+               "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
+               "log": list(log_lines), **extra}
     return write_atomically(payload, path)
 
 
@@ -226,6 +228,7 @@ class TrainConfig:
     poly_power: float = 0.9
     warmup_steps: int = 0
     augment: str = "paper"   # a key of data.AUGMENTATIONS
+    preprocess: str = "ours"  # a key of data.PREPROCESSINGS
     patch_size: int = 0
     seed: int = 0
     amp: bool = True
@@ -259,14 +262,49 @@ def maybe_compile(model, enabled):
     try:
         return torch.compile(model)
     except Exception as error:  # an unsupported platform raises here rather than at the first call
+        if not is_compile_failure(error):
+            raise
         compile_notice(error)
         return model
 
 
 
-def compile_notice(error):
+def compile_useful(requested, device, rank, world_size):
+    """COMPILE, except on several GPUs: there SyncBatchNorm breaks the compiled graph at every BatchNorm
+    (48 in CE-Net), which leaves little to gain, and its all-gathers would run inside the trial step that
+    lets every process agree on a compile failure (Trainer.first_compiled_step)."""
+    if requested and world_size > 1 and device.type == "cuda":
+        if rank == 0:
+            print("notice: --compile is off under torchrun on GPUs: SyncBatchNorm breaks the compiled graph at "
+                  "each BatchNorm layer, so it would gain little; running eagerly", file=sys.stderr)
+        return False
+    return requested
+
+
+
+def is_compile_failure(error):
+    """Whether `error` (or anything it wraps) may be torch.compile failing. Running out of memory and CUDA
+    errors (a device-side assert, an illegal address) are not: they would fail eagerly too, so they
+    surface as what they are instead of a quiet fallback."""
+    out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, out_of_memory) or "CUDA error" in str(error) \
+                or type(error).__name__ == "AcceleratorError":
+            return False
+        error = error.__cause__ or error.__context__
+    return True
+
+
+
+def compile_notice(error, rank=0):
+    where = f"process {rank}: " if rank else ""
+    if error is None:
+        print("notice: torch.compile failed in another process; every process runs eagerly", file=sys.stderr)
+        return
     first_line = (str(error).strip().splitlines() or [""])[0][:160]
-    print(f"notice: torch.compile unavailable ({type(error).__name__}: {first_line}); running eagerly",
+    print(f"notice: {where}torch.compile unavailable ({type(error).__name__}: {first_line}); running eagerly",
           file=sys.stderr)
 
 
@@ -320,6 +358,10 @@ class Trainer:
         self.labels = to_device(labels, device)
         self.criterion = losses.build_loss(config.loss, self.model.num_classes)
         self.optimizer = build_optimizer(self.model.parameters(), config, device)
+        # fp16 (GPUs without fast bf16) needs the loss scaled so that small gradients do not flush to zero;
+        # bf16 and fp32 do not, and a disabled scaler passes everything through unchanged.
+        self.amp_dtype = amp_dtype(device, config.amp)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.total_steps = data.steps_for(len(images), config.batch_size, config.epochs)
         self.plan = self.draw_plan(len(images), config.batch_size // world_size)
         self.step_count = 0
@@ -328,14 +370,15 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
         self.eager_forward = wrapped
-        self.forward = maybe_compile(wrapped, config.compile)
+        self.forward = maybe_compile(wrapped, compile_useful(config.compile, device, rank, world_size))
         self.compile_pending = self.forward is not wrapped
 
     def draw_plan(self, num_images, batch_size):
         """The whole run's randomness, drawn on the CPU from the seed and uploaded once: which images
         each step sees (this rank's shard) and their augmentation parameters. A step then only slices
-        device tensors, so it never stalls the host on a host-to-GPU copy, and a seed gives the same run
-        on every device."""
+        device tensors, so it never stalls the host on a host-to-GPU copy, and a seed gives the same images,
+        crops and augmentation on every device (the arithmetic itself differs between devices, and on a GPU
+        between runs unless DETERMINISTIC: see devices.configure_speed)."""
         seed, steps, augment = self.config.seed, self.total_steps, self.config.augment
         stream = data.BatchStream(num_images, batch_size, seed, self.rank, self.world_size)
         indices = torch.stack([stream.next() for _ in range(steps)])
@@ -357,13 +400,15 @@ class Trainer:
         index = self.plan["indices"][step]
         images = self.images[index].float() / 255
         labels = self.labels[index]
+        colour_first = data.augmentation_parts(self.config.augment).get("colour_first", False)
         if self.config.patch_size:  # the crop is one resampling with the augmentation (identity when off)
             images, labels = data.apply_augmentation(images, labels, self.plan["theta"][step],
-                                                     self.plan["hsv"][step], out_size=self.config.patch_size)
+                                                     self.plan["hsv"][step], out_size=self.config.patch_size,
+                                                     colour_first=colour_first)
         elif self.config.augment != "none":
             images, labels = data.apply_augmentation(images, labels, self.plan["theta"][step],
-                                                     self.plan["hsv"][step])
-        images = data.normalize(images).contiguous(memory_format=self.format)
+                                                     self.plan["hsv"][step], colour_first=colour_first)
+        images = data.normalize(images, self.config.preprocess).contiguous(memory_format=self.format)
         return images, labels.long()
 
     def forward_backward(self, forward, images, labels):
@@ -371,25 +416,65 @@ class Trainer:
             logits = forward(images)
         loss = self.criterion(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         return loss
 
     def first_compiled_step(self, images, labels):
-        """torch.compile reports most failures (no compiler, unsupported operator) only when the compiled
-        model first runs, in its forward or its backward. Then: one notice, undo what the failed attempt
-        changed (BatchNorm running statistics; gradients are reset by forward_backward), and redo the same
-        batch eagerly, so the run is the one an eager run would have been."""
+        """The first step of a compiled model is a trial: torch.compile reports most failures (no compiler, an
+        unsupported operator) only when the compiled model first runs, in its forward or part-way through its
+        backward, and possibly in one process only.
+
+        Under DDP the trial exchanges nothing (no buffer broadcast, no gradient all-reduce), so a failure
+        anywhere leaves no collective half done; then every process learns whether any failed (one
+        all-reduce) and all keep the compiled model or all go eager. What the trial changed (BatchNorm running
+        statistics; gradients are reset by forward_backward) is undone and the step is taken for real, so
+        the run is the one an eager (or compiled) run would have been. Out-of-memory and CUDA errors are not
+        compile failures: they surface as themselves."""
         self.compile_pending = False
         buffers = [buffer.detach().clone() for buffer in self.model.buffers()]
-        try:
-            return self.forward_backward(self.forward, images, labels)
-        except Exception as error:  # dynamo and inductor raise many unrelated types
-            compile_notice(error)
-            with torch.no_grad():
-                for buffer, saved in zip(self.model.buffers(), buffers):
-                    buffer.copy_(saved)
+        error = None
+        with self.collectives_paused():
+            try:
+                loss = self.forward_backward(self.forward, images, labels)
+            except Exception as caught:  # dynamo and inductor raise many unrelated types
+                if not is_compile_failure(caught):
+                    raise
+                error = caught
+        failed = self.failed_anywhere(error is not None)
+        if failed:
+            if error is not None or self.rank == 0:
+                compile_notice(error, self.rank)
             self.forward = self.eager_forward
-            return self.forward_backward(self.forward, images, labels)
+        elif self.world_size == 1:
+            return loss  # one process: the trial was the real step
+        with torch.no_grad():
+            for buffer, saved in zip(self.model.buffers(), buffers):
+                buffer.copy_(saved)
+        return self.forward_backward(self.forward, images, labels)
+
+    @contextlib.contextmanager
+    def collectives_paused(self):
+        """Under DDP: no buffer broadcast before the forward and no gradient all-reduce in the backward
+        (DDP skips both when these flags are off; `no_sync` alone would still broadcast the buffers)."""
+        if self.world_size == 1:
+            yield
+            return
+        ddp = self.eager_forward
+        saved = ddp.require_forward_param_sync, ddp.require_backward_grad_sync
+        ddp.require_forward_param_sync = ddp.require_backward_grad_sync = False
+        try:
+            yield
+        finally:
+            ddp.require_forward_param_sync, ddp.require_backward_grad_sync = saved
+
+    def failed_anywhere(self, failed_here):
+        """True on every process when any process failed (an all-reduce of the flag under DDP)."""
+        if self.world_size == 1:
+            return failed_here
+        import torch.distributed as dist
+        flag = torch.tensor([1.0 if failed_here else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def step(self):
         """One optimisation step; returns the loss as a tensor (no host sync)."""
@@ -403,7 +488,8 @@ class Trainer:
             loss = self.first_compiled_step(images, labels)
         else:
             loss = self.forward_backward(self.forward, images, labels)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.step_count += 1
         return loss.detach()
 
@@ -416,7 +502,7 @@ class Trainer:
         image = self.images[:1].float() / 255
         height, width = image.shape[-2:]
         padded = data.pad_to_square(image, data.padded_side(height, width))
-        probs = predict(self.model, data.normalize(padded), self.device, tta=False, amp=self.config.amp,
+        probs = predict(self.model, data.normalize(padded, self.config.preprocess), self.device, tta=False, amp=self.config.amp,
                         fmt=self.format)[..., :height, :width]
         return image[0].cpu(), self.labels[0].cpu(), probs[0].cpu()
 

@@ -44,9 +44,10 @@ def predict(model, images, device, tta=True, amp=True, fmt=torch.contiguous_form
     return torch.cat(results)
 
 
-def predict_samples(model, samples, device, *, image_size, patch_size, tta, amp, fmt, images_per_chunk=4,
-                    progress=False):
-    """(K, H, W) float probabilities on the CPU, one per sample, at the sample's native resolution.
+def predict_samples(model, samples, device, *, image_size, patch_size, tta, amp, fmt, preprocess="ours",
+                    restore_size=True, images_per_chunk=4, progress=False):
+    """(K, H, W) float probabilities on the CPU, one per sample, at the sample's native resolution (with
+    `restore_size` False and resized prediction: at the network's size, image_size x image_size).
 
     The test set goes through the device a few images at a time and every result comes back to the
     host at once, so device memory holds one chunk, whatever the size of the test set. `progress` shows a
@@ -58,29 +59,32 @@ def predict_samples(model, samples, device, *, image_size, patch_size, tta, amp,
     for start in range(0, len(samples), images_per_chunk):
         chunk = samples[start:start + images_per_chunk]
         if patch_size:
-            probs = predict_native(model, chunk, device, tta=tta, amp=amp, fmt=fmt)
+            probs = predict_native(model, chunk, device, tta=tta, amp=amp, fmt=fmt, preprocess=preprocess)
         else:
-            probs = predict_resized(model, chunk, device, image_size, tta=tta, amp=amp, fmt=fmt)
+            probs = predict_resized(model, chunk, device, image_size, tta=tta, amp=amp, fmt=fmt,
+                                    preprocess=preprocess, restore_size=restore_size)
         restored.extend(prob.float().cpu() for prob in probs)
         bar.update(len(chunk))
     bar.close()
     return restored
 
 
-def predict_resized(model, samples, device, size, *, tta, amp, fmt):
+def predict_resized(model, samples, device, size, *, tta, amp, fmt, preprocess="ours", restore_size=True):
     """Each image resized to size x size (as in training), its probabilities resized back (bilinear)."""
-    images = torch.stack([data.resize_image(sample.image, size) for sample in samples])
-    probs = predict(model, data.normalize(images.to(device)), device, tta=tta, amp=amp, fmt=fmt)
+    images = torch.stack([data.resize_image(sample.image, size, preprocess) for sample in samples])
+    probs = predict(model, data.normalize(images.to(device), preprocess), device, tta=tta, amp=amp, fmt=fmt)
+    if not restore_size:
+        return list(probs)
     return [F.interpolate(prob[None], size=sample.label.shape, mode="bilinear", align_corners=False)[0]
             for sample, prob in zip(samples, probs)]
 
 
-def predict_native(model, samples, device, *, tta, amp, fmt):
+def predict_native(model, samples, device, *, tta, amp, fmt, preprocess="ours"):
     """Whole images at native resolution, zero-padded at the bottom and right to a square whose side is
     a multiple of 32 (DRIVE 584 x 565 -> 608 x 608; square, so the transposed TTA views batch with the
     others); the padding is cut off the probabilities."""
     images, _ = data.stack_native(samples, 1)
     side = data.padded_side(*images.shape[-2:])
-    images = data.normalize(data.pad_to_square(images, side).to(device))
+    images = data.normalize(data.pad_to_square(images, side).to(device), preprocess)
     probs = predict(model, images, device, tta=tta, amp=amp, fmt=fmt)
     return [prob[:, :sample.label.shape[0], :sample.label.shape[1]] for sample, prob in zip(samples, probs)]

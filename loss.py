@@ -10,14 +10,16 @@ Every loss takes ``forward(logits, target)``:
 and returns a float32 scalar. Logits are cast to float32 first, so a loss called inside
 ``torch.autocast(dtype=torch.bfloat16)`` sums in full precision.
 """
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy import ndimage
 
 from errors import UserError
 from networks import probabilities
 
-LOSSES = ("dice", "bce", "ce", "dice_bce")
+LOSSES = ("dice", "bce", "ce", "dice_bce", "varce")
 
 
 def check_logits_and_target(logits, target):
@@ -122,13 +124,17 @@ class BCELoss(nn.Module):
 class CELoss(nn.Module):
     """Cross-entropy for K >= 2, averaged over all N * H * W pixels:
 
-        L = -mean_i log softmax(x_i)[g_i].
-    """
+        L = -mean_i log softmax(x_i)[g_i] = -mean_i sum_k g_ik log softmax(x_i)_k   (g: one-hot target).
+
+    Computed in the one-hot form: F.cross_entropy's CUDA kernel (NLLLoss) has no deterministic variant,
+    so DETERMINISTIC runs would stop at it."""
 
     def forward(self, logits, target):
         if check_logits_and_target(logits, target) < 2:
             raise ValueError("CELoss needs K >= 2 logit channels, got K = 1; use BCELoss for binary logits")
-        return F.cross_entropy(logits.float(), target.long())
+        log_probs = F.log_softmax(logits.float(), dim=1)
+        one_hot = torch.zeros_like(log_probs).scatter_(1, target.long().unsqueeze(1), 1.0)
+        return -(log_probs * one_hot).sum(1).mean()
 
 
 class DiceBCELoss(nn.Module):
@@ -149,6 +155,79 @@ class DiceBCELoss(nn.Module):
     def forward(self, logits, target):
         cross_entropy = self.bce if logits.ndim == 4 and logits.shape[1] == 1 else self.ce
         return self.dice(logits, target) + cross_entropy(logits, target)
+
+
+class VarianceConstrainedCELoss(nn.Module):
+    """FullNet's variance-constrained cross-entropy (Qu et al., MICCAI 2019), which asks the pixels of one
+    object to agree:
+
+        L = CE + alpha * mean_n [ mean_{i in instances(n)} sum_k Var_{x in i} p_k(x) ]
+
+    CE is BCE for K = 1 and softmax cross-entropy for K >= 2; p_k are the predicted probabilities (for K = 1 the
+    two channels 1 - p and p, so the sum is 2 Var(p)); Var is the population variance over the pixels of
+    instance i. Instances come from an instance label map (N, H, W) when given (0 = no instance), otherwise
+    from the target: the 8-connected components of each foreground class. An image without instances adds 0.
+    """
+
+    def __init__(self, alpha=1.0):
+        super().__init__()
+        self.alpha = alpha
+        self.bce = BCELoss()
+        self.ce = CELoss()
+
+    def forward(self, logits, target, instances=None):
+        classes = check_logits_and_target(logits, target)
+        cross_entropy = (self.bce if classes == 1 else self.ce)(logits, target)
+        probs = probabilities(logits.float())
+        if classes == 1:
+            probs = torch.cat([1 - probs, probs], dim=1)
+        if instances is None:
+            instances = connected_instances(target)
+        elif tuple(instances.shape) != tuple(target.shape):
+            raise ValueError(f"instances must have the target's shape {tuple(target.shape)}, "
+                             f"got {tuple(instances.shape)}")
+        return cross_entropy + self.alpha * mean_instance_variance(probs, instances.to(probs.device))
+
+
+def connected_instances(target):
+    """(N, H, W) int64 instance map: the 8-connected components of every foreground class of each image of
+    `target` (class 0 is background), numbered 1, 2, ... per image; 0 where there is no instance."""
+    classes = target.detach().cpu().numpy()
+    instances = np.zeros(classes.shape, np.int64)
+    eight_connected = np.ones((3, 3), bool)
+    for index, image in enumerate(classes):
+        count = 0
+        for value in np.unique(image[image > 0]):
+            components, found = ndimage.label(image == value, structure=eight_connected)
+            instances[index][components > 0] = components[components > 0] + count
+            count += found
+    return torch.from_numpy(instances).to(target.device)
+
+
+def mean_instance_variance(probs, instances):
+    """mean over images of (mean over the image's instances of sum_k Var p_k), vectorised over all instances of
+    the batch: every instance gets a batch-wide id, and sums per id are index_add-ed (two passes: the mean, then
+    the squared deviations, which stays exact where E[p^2] - E[p]^2 would cancel)."""
+    n, channels = probs.shape[:2]
+    device, dtype = probs.device, probs.dtype
+    per_image = instances.flatten(1).long()
+    last_ids = torch.cumsum(per_image.amax(dim=1), 0)          # image n owns ids (last_ids[n-1], last_ids[n]]
+    offsets = last_ids - per_image.amax(dim=1)
+    ids = torch.where(per_image > 0, per_image + offsets[:, None], torch.zeros_like(per_image)).flatten()
+    total = int(last_ids[-1]) + 1
+    values = probs.permute(0, 2, 3, 1).reshape(-1, channels)
+    counts = torch.zeros(total, device=device, dtype=dtype).index_add_(0, ids, torch.ones_like(values[:, 0]))
+    means = torch.zeros(total, channels, device=device, dtype=dtype).index_add_(0, ids, values)
+    means = means / counts.clamp(min=1)[:, None]
+    squared = (values - means[ids]) ** 2
+    variances = torch.zeros(total, channels, device=device, dtype=dtype).index_add_(0, ids, squared)
+    variances = variances.sum(1) / counts.clamp(min=1)
+    every_id = torch.arange(total, device=device)
+    present = (counts > 0) & (every_id > 0)
+    owner = torch.searchsorted(last_ids, every_id)[present]
+    per_image_sum = torch.zeros(n, device=device, dtype=dtype).index_add_(0, owner, variances[present])
+    per_image_count = torch.zeros(n, device=device, dtype=dtype).index_add_(0, owner, torch.ones_like(owner, dtype=dtype))
+    return (per_image_sum / per_image_count.clamp(min=1)).mean()
 
 
 def build_loss(name, num_classes):
@@ -174,4 +253,6 @@ def build_loss(name, num_classes):
         return BCELoss()
     if key == "ce":
         return CELoss()
+    if key == "varce":
+        return VarianceConstrainedCELoss()
     return DiceBCELoss()

@@ -346,3 +346,98 @@ def summarize(rows):
         else:
             summary[name] = {"mean": float(values.mean()), "std": float(values.std())}
     return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Object-level metrics of the GlaS challenge (Sirinukunwattana et al., Medical Image Analysis 2017)
+# --------------------------------------------------------------------------------------------
+
+def _objects(instances):
+    """{id: bool mask} of the nonzero ids of an (H, W) instance map."""
+    instances = np.asarray(instances)
+    return {int(value): instances == value for value in np.unique(instances) if value != 0}
+
+
+def _overlaps(first, second):
+    """(len(first), len(second)) pixel counts of the pairwise intersections."""
+    return np.array([[int((a & b).sum()) for b in second.values()] for a in first.values()], dtype=np.int64) \
+        .reshape(len(first), len(second))
+
+
+def object_f1(segmented, truth):
+    """Object-level F1 between two instance maps (0 = background). A segmented object is a true positive when
+    it covers at least half of its ground-truth object (the one it overlaps most); precision = TP / #segmented,
+    recall = TP / #ground truth, F1 their harmonic mean. NaN when both maps are empty."""
+    found, real = _objects(segmented), _objects(truth)
+    if not found and not real:
+        return float("nan")
+    overlap = _overlaps(found, real)
+    real_areas = np.array([mask.sum() for mask in real.values()])
+    true_positives = 0
+    if found and real:
+        best = overlap.argmax(axis=1)
+        true_positives = int((overlap[np.arange(len(found)), best] >= 0.5 * real_areas[best]).sum())
+    precision = _ratio(true_positives, len(found))
+    recall = _ratio(true_positives, len(real))
+    return _ratio(2 * precision * recall, precision + recall) if true_positives else 0.0
+
+
+def _dice(a, b):
+    return _ratio(2 * int((a & b).sum()), int(a.sum()) + int(b.sum()))
+
+
+def hausdorff(a, b):
+    """Hausdorff distance in pixels between two non-empty masks: the largest distance from a pixel of one to
+    the nearest pixel of the other."""
+    from scipy import ndimage
+    to_b = ndimage.distance_transform_edt(~b)
+    to_a = ndimage.distance_transform_edt(~a)
+    return float(max(to_b[a].max(), to_a[b].max()))
+
+
+def _weighted_terms(objects, others, overlap, score, nearest_when_apart):
+    """sum_i w_i score(O_i, partner(O_i)), w_i = |O_i| / sum |O|; the partner is the other object overlapping
+    O_i most, or (with `nearest_when_apart`) the nearest one by Hausdorff distance when none overlaps; an
+    object without a partner scores 0 for Dice. Returns NaN when a partner is needed but `others` is empty."""
+    areas = np.array([mask.sum() for mask in objects.values()], dtype=np.float64)
+    masks, other_masks = list(objects.values()), list(others.values())
+    total = 0.0
+    for index, mask in enumerate(masks):
+        if overlap.shape[1] and overlap[index].max() > 0:
+            partner = other_masks[int(overlap[index].argmax())]
+        elif nearest_when_apart:
+            if not other_masks:
+                return float("nan")
+            partner = min(other_masks, key=lambda other: hausdorff(mask, other))
+        else:
+            continue  # Dice with nothing: 0
+        total += areas[index] / areas.sum() * score(mask, partner)
+    return total
+
+
+def object_dice(segmented, truth):
+    """GlaS object Dice: 1/2 [sum_i g_i Dice(G_i, S*(G_i)) + sum_j s_j Dice(G*(S_j), S_j)], with weights
+    g_i = |G_i| / sum |G| and s_j = |S_j| / sum |S|, and * the object of the other map overlapping most (none:
+    Dice 0). NaN when both maps are empty; 0 when only one is."""
+    found, real = _objects(segmented), _objects(truth)
+    if not found and not real:
+        return float("nan")
+    if not found or not real:
+        return 0.0
+    overlap = _overlaps(real, found)
+    truth_side = _weighted_terms(real, found, overlap, _dice, nearest_when_apart=False)
+    found_side = _weighted_terms(found, real, overlap.T, _dice, nearest_when_apart=False)
+    return 0.5 * (truth_side + found_side)
+
+
+def object_hausdorff(segmented, truth):
+    """GlaS object Hausdorff distance: 1/2 [sum_i g_i H(G_i, S*(G_i)) + sum_j s_j H(G*(S_j), S_j)], weights as
+    in object_dice, * the object overlapping most or, where none overlaps, the nearest by Hausdorff distance.
+    NaN when either map is empty (the distance to nothing is undefined)."""
+    found, real = _objects(segmented), _objects(truth)
+    if not found or not real:
+        return float("nan")
+    overlap = _overlaps(real, found)
+    truth_side = _weighted_terms(real, found, overlap, hausdorff, nearest_when_apart=True)
+    found_side = _weighted_terms(found, real, overlap.T, hausdorff, nearest_when_apart=True)
+    return 0.5 * (truth_side + found_side)

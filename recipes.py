@@ -6,6 +6,8 @@ The paper's recipe is constants.py itself (``faithful``).
 
 RECIPES = {
     "faithful": {},
+    "faithful_code": {"PREPROCESS": "authors", "AUGMENT": "authors_code", "OPTIMIZER": "adamw", "LR": 2e-4,
+                      "WEIGHT_DECAY": 0.0, "POLY_POWER": 0.0, "LOSS": "bce"},
     "hires": {"IMAGE_SIZE": 576, "EPOCHS": 1000},
     "hires_dice_bce": {"IMAGE_SIZE": 576, "EPOCHS": 1000, "LOSS": "dice_bce"},
     "cpu": {"PATCH_SIZE": 256, "BATCH_SIZE": 4, "AUGMENT": "flips", "OPTIMIZER": "adamw", "LR": 2e-3,
@@ -15,6 +17,13 @@ RECIPES = {
 RECIPE_WHY = {
     "faithful": "constants.py as shipped, i.e. the paper: 448x448, 300 epochs (900 steps of batch 8 on the "
                 "20 training images), SGD momentum 0.9, poly LR from 4e-3, Dice loss.",
+    "faithful_code": "the authors' released code where it differs from the paper: their preprocessing (BGR, "
+                     "x/255*3.2-1.6), their augmentation (each transform with probability 0.5, aspect jitter, "
+                     "colour before the warp), Adam at a constant 2e-4 without weight decay (AdamW with decay 0 "
+                     "is Adam), and BCE (their dice_bce_loss returns BCE only). Not reproduced: their halving of "
+                     "the LR after 10 epochs without a lower epoch loss (reloading the best weights), the early "
+                     "stop after 20, the short last batch of each epoch, and the hue wrap-around of their uint8 "
+                     "HSV code.",
     "hires": "DRIVE images are 565x584; 448 shrinks them by about 0.78 and the 1-2 px capillaries fall below a "
              "pixel. 576, the nearest multiple of 32 above native, resizes by 1.02/0.99 instead. Where the encoder "
              "has to start from random weights (no ImageNet weights), 900 steps is short: 1000 epochs = 3000 "

@@ -40,7 +40,7 @@ def training_tensors(settings):
               f"right files (a binary label counts every nonzero value as foreground)", file=sys.stderr)
     if settings["PATCH_SIZE"]:
         return data.stack_native(samples, spec.num_classes)
-    return data.stack_samples(samples, settings["IMAGE_SIZE"], spec.num_classes)
+    return data.stack_samples(samples, settings["IMAGE_SIZE"], spec.num_classes, settings["PREPROCESS"])
 
 
 def prepare(settings, rank):
@@ -95,11 +95,11 @@ class StopSignals:
 
 def resumed_settings(settings, given):
     """(settings, resume point) for --resume: the run's own settings, with those of RESUMABLE_CHANGES that the
-    command line gave."""
+    command line gave (and today's defaults for settings that did not exist when the run was saved)."""
     if not settings["RESUME"]:
         return settings, None
     path, point = framework.read_resume_point(settings["RESUME"])
-    merged = {**point["settings"], **{key: settings[key] for key in RESUMABLE_CHANGES if key in given},
+    merged = {**settings, **point["settings"], **{key: settings[key] for key in RESUMABLE_CHANGES if key in given},
               "RESUME": settings["RESUME"]}
     return merged, {**point, "path": path}
 
@@ -116,7 +116,7 @@ def train(settings, given=frozenset()):
     if settings["BATCH_SIZE"] % world_size:  # before the data is read
         raise UserError(f"--batch-size {settings['BATCH_SIZE']} does not split over {world_size} processes; "
                         f"use a multiple of {world_size}")
-    devices.configure_speed(device)
+    devices.configure_speed(device, settings["DETERMINISTIC"])
     model, images, labels, pretrained_status = prepare(settings, rank)
     if resume:
         model.load_state_dict(resume["state_dict"])
@@ -125,6 +125,8 @@ def train(settings, given=frozenset()):
                                 rank, world_size)
     if resume:
         trainer.optimizer.load_state_dict(resume["optimizer"])
+        if resume.get("scaler"):  # fp16 runs only; empty for bf16 and fp32
+            trainer.scaler.load_state_dict(resume["scaler"])
         trainer.step_count = resume["step"]
 
     run_dir, commit = None, report.git_commit()  # the code as it is now, not after an edit during training
@@ -138,7 +140,8 @@ def train(settings, given=frozenset()):
                           enabled=settings["VISDOM"] and rank == 0)
     say(rank, f"training {networks.MODEL_TITLES[settings['MODEL']]} on {settings['DATASET']} "
               f"({describe_input(settings, len(images))}) for {trainer.total_steps} steps of batch "
-              f"{settings['BATCH_SIZE']} on {device}" + (f" x{world_size}" if world_size > 1 else ""))
+              f"{settings['BATCH_SIZE']} on {device}" + (f" x{world_size}" if world_size > 1 else "")
+              + f", {devices.precision_name(device, settings['AMP'])}")
 
     log_lines = resume["log"] if resume else ["step,loss,lr"]
     earlier_seconds = resume.get("train_seconds", 0.0) if resume else 0.0

@@ -10,6 +10,7 @@ import torch
 
 from errors import UserError
 from networks.cenet import CENet
+from networks.fullnet import FullNet
 from networks.unet import UNet
 
 
@@ -28,6 +29,7 @@ MODELS = {
     "backbone_inception": _cenet("inception"),
     "backbone_inception_res": _cenet("inception_res"),
     "unet": lambda num_classes, in_channels: UNet(num_classes=num_classes, in_channels=in_channels),
+    "fullnet": lambda num_classes, in_channels: FullNet(num_classes=num_classes, in_channels=in_channels),
 }
 
 MODEL_TITLES = {
@@ -39,6 +41,7 @@ MODEL_TITLES = {
     "backbone_inception": "Backbone+Inception block",
     "backbone_inception_res": "Backbone+Inception-ResNet block",
     "unet": "U-Net",
+    "fullnet": "FullNet",
 }
 
 
@@ -62,6 +65,37 @@ def probabilities(logits):
 # Key prefixes added by DataParallel/DDP and torch.compile; encoder weights may also sit under our own
 # CE-Net's "encoder." when taken from one of its checkpoints.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+# The CE-Net authors' module names (CE_Net_ in their networks/cenet.py) -> this repository's CENet. Their
+# released .th files are state dicts of that network saved under nn.DataParallel ("module." first).
+AUTHORS_NAMES = (
+    ("firstconv.", "encoder.conv1."), ("firstbn.", "encoder.bn1."),
+    *((f"encoder{n}.", f"encoder.layer{n}.") for n in (1, 2, 3, 4)),
+    ("dblock.dilate1.", "dac.conv1."), ("dblock.dilate2.", "dac.conv2."), ("dblock.dilate3.", "dac.conv3."),
+    ("dblock.conv1x1.", "dac.project."), ("spp.conv.", "rmp.conv."),
+    *((f"decoder{n}.{theirs}.", f"decoder{n}.{ours}.") for n in (1, 2, 3, 4)
+      for theirs, ours in (("conv1", "reduce"), ("deconv2", "upsample"), ("conv3", "expand"))),
+    ("finaldeconv1.", "head.0."), ("finalconv2.", "head.2."), ("finalconv3.", "head.4."),
+)
+
+
+def is_authors_state_dict(state_dict):
+    """Whether a (wrapper-stripped) state dict uses the authors' names: their encoder and DAC block."""
+    keys = [key for key in state_dict if isinstance(key, str)]
+    return any(key.startswith("firstconv.") for key in keys) and any(key.startswith("dblock.") for key in keys)
+
+
+def from_authors_names(state_dict):
+    """The authors' tensor names renamed to ours; a name no rule covers is kept, so that loading reports it."""
+    renamed = {}
+    for key, value in state_dict.items():
+        for theirs, ours in AUTHORS_NAMES:
+            if key.startswith(theirs):
+                key = ours + key[len(theirs):]
+                break
+        renamed[key] = value
+    return renamed
 _KEY_PREFIXES = WRAPPER_PREFIXES + ("encoder.",)
 _WRAPPER_KEYS = ("state_dict", "model")
 

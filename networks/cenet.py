@@ -112,8 +112,27 @@ class RMPBlock(nn.Module):
         maps = []
         for pool in self.pool_sizes:
             pooled = self.conv(_pool_to_at_least_one_cell(x, pool))
-            maps.append(F.interpolate(pooled, size=size, mode="bilinear", align_corners=False))
+            maps.append(bilinear_resize(pooled, size))
         return torch.cat(maps + [x], dim=1)
+
+
+def bilinear_resize(x, size):
+    """F.interpolate(x, size, mode="bilinear", align_corners=False), as two matrix products.
+
+    The values are the same up to float rounding. The reason is the backward: PyTorch's CUDA kernel for
+    bilinear upsampling adds gradients atomically, in any order, and has no deterministic variant, so
+    DETERMINISTIC runs would stop at it; a matrix product's backward is deterministic."""
+    rows = _linear_weights(x.shape[-2], size[0], x)
+    columns = _linear_weights(x.shape[-1], size[1], x)
+    return torch.einsum("nchw,hy,wx->ncyx", x, rows, columns)
+
+
+def _linear_weights(source, target, like):
+    """(source, target) matrix W of 1-D linear interpolation: resized = original @ W. Row i is where input
+    sample i goes, obtained by resizing the unit vector e_i with PyTorch's own kernel (a forward pass,
+    which is deterministic), so the two agree on every convention (half-pixel centres, edge clamping)."""
+    unit_vectors = torch.eye(source, dtype=like.dtype, device=like.device)[None]
+    return F.interpolate(unit_vectors, size=target, mode="linear", align_corners=False)[0]
 
 
 def _conv_relu(in_channels, out_channels, kernel_size):

@@ -10,6 +10,7 @@ from pathlib import Path
 from errors import UserError
 from tasks.drive import DRIVE
 from tasks.em_cells import ISBI2012
+from tasks.glas import GLAS
 from tasks.lung import LUNG
 from tasks.oct import OCT
 from tasks.optic_disc import MESSIDOR, ORIGA, RIMONE
@@ -24,6 +25,7 @@ DATASETS = {
     "lung": LUNG,
     "isbi2012": ISBI2012,
     "oct": OCT,
+    "glas": GLAS,
 }
 
 __all__ = ["DATASETS", "Dataset", "Sample", "SplitOptions", "dataset", "load_split"]

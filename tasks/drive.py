@@ -3,9 +3,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from errors import UserError
-from metrics import as_device_tensor, binary_metrics, binary_metrics_and_roc, thin_curve
+
+from metrics import as_device_tensor, binary_metrics, binary_metrics_and_roc, roc_auc, thin_curve, threshold_metrics
 from tasks.files import check_same_size, read_image, read_mask, require_dir
 from tasks.sample import Dataset, Sample
 
@@ -63,7 +65,37 @@ def score_vessels(prob, sample, threshold):
 
 
 
+def authors_vessel_mask(prob, shape, threshold=0.5):
+    """The binary mask of the authors' test_cenet.py from a (1, S, S) probability map at the network's size:
+    thresholded there, scaled to 0/255, resized bilinearly to the native `shape` (OpenCV's half-pixel
+    convention; rounded to 8 bits as OpenCV stores it) and kept where above 20. Every pixel within about a
+    pixel of a vessel passes, so vessels come out thicker than a threshold at native resolution gives."""
+    binary = (prob[0].float() > threshold).float() * 255
+    resized = F.interpolate(binary[None, None], size=tuple(shape), mode="bilinear", align_corners=False)[0, 0]
+    return resized.round() > 20
+
+
+def score_vessels_as_authors(prob, sample, threshold):
+    """The authors' figures (test_cenet.py) from a (1, S, S) probability map at the network's size: whole-image
+    AUC of the probabilities resized to native size, and Acc and Sen of their thickened mask
+    (authors_vessel_mask), over the whole image, 1st annotator. Returns (row, native-size probabilities)."""
+    shape = sample.label.shape
+    prob_native = F.interpolate(prob[None].float(), size=tuple(shape), mode="bilinear", align_corners=False)[0]
+    mask = authors_vessel_mask(prob, shape, threshold)
+    label = as_device_tensor(sample.label > 0, prob_native.device)
+    row = {"whole AUC": roc_auc(prob_native[0].float().flatten(), label.flatten())}
+    counted = threshold_metrics(mask.float(), label, None, 0.5)
+    row.update({"whole Acc": counted["Acc"], "whole Sen": counted["Sen"]})
+    return row, prob_native
+
+
 NOTES = ("Metrics at the original resolution against the 1st annotator, probability threshold for Acc/Sen/Spe/F1 as stated; 'whole' counts every pixel, 'FOV' only pixels inside the field-of-view mask (the field's standard).")
 
+AUTHORS_NOTES = ("The authors' protocol (their test_cenet.py): whole image against the 1st annotator; 8-way TTA "
+                 "averaged at the network's size; AUC of those probabilities resized to native size; Acc and Sen "
+                 "of the mask thresholded at the network's size, resized to native size and kept above 20/255 "
+                 "(which thickens vessels).")
+
 DRIVE = Dataset(read_drive, num_classes=1, score=score_vessels, notes=NOTES,
+                authors_score=score_vessels_as_authors, authors_notes=AUTHORS_NOTES,
                 source="DRIVE, https://drive.grand-challenge.org (registration required)")

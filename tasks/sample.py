@@ -12,6 +12,7 @@ class Sample:
     label: np.ndarray                 # (H, W) uint8 class map
     fov: Optional[np.ndarray] = None  # (H, W) bool, True inside the field of view
     experts: Optional[np.ndarray] = None  # (E, H, W) bool, each expert's own mask (RIM-ONE)
+    instances: Optional[np.ndarray] = None  # (H, W) int instance ids, 0 = none (GlaS)
 
 
 
@@ -22,3 +23,7 @@ class Dataset:
     score: Callable         # score(prob (K, H, W) at native size, sample, threshold) -> (row, ROC curve or None)
     notes: str              # how score() measures, written beside every results table
     source: str             # where a user gets the data (printed when it is missing)
+    # The authors' evaluation protocol (--protocol authors), where their code has one for this dataset:
+    # authors_score(prob (K, S, S) at the network's size, sample, threshold) -> (row, prob at native size).
+    authors_score: Optional[Callable] = None
+    authors_notes: str = ""

@@ -181,6 +181,41 @@ def test_the_augmentation_draws_every_flip_and_every_colour_shift():
     assert bool((hsv.abs() <= limits).all()) and bool((hsv.abs().amax(0) > 0.9 * limits).all())
 
 
+def test_augmentation_modes_switch_their_parts():
+    """flips: exact dihedral copies, no colour; none: the identity; authors_code: each transform on about
+    half the samples, with different scales per axis; an unknown mode is one clear error."""
+    theta, hsv = data.draw_augmentation(2000, torch.Generator().manual_seed(0), "flips")
+    unit = theta[:, :, :2]
+    assert all(any(torch.equal(m, data.DIHEDRAL_MATRICES[k]) for k in range(8)) for m in unit[:50])
+    assert not theta[:, :, 2].any() and not hsv.any()
+    theta, hsv = data.draw_augmentation(20, torch.Generator().manual_seed(0), "none")
+    assert torch.equal(theta[:, :, :2], data.DIHEDRAL_MATRICES[0].expand(20, 2, 2)) and not hsv.any()
+
+    theta, hsv = data.draw_augmentation(4000, torch.Generator().manual_seed(0), "authors_code")
+    column_scales = theta[:, :, :2].abs().amax(dim=1)          # 1 / (per-axis scale), per output axis
+    warped = (column_scales - 1).abs().amax(dim=1) > 1e-6
+    assert 0.45 < float(warped.float().mean()) < 0.55          # scale/aspect/shift on about half
+    assert bool((theta[~warped][:, :, 2] == 0).all())          # ... and no shift where there is no warp
+    aspect = column_scales[warped, 0] / column_scales[warped, 1]
+    assert float(aspect.min()) < 0.93 and float(aspect.max()) > 1.07   # the +-10 % aspect jitter
+    coloured = hsv.abs().amax(dim=1) > 0
+    assert 0.45 < float(coloured.float().mean()) < 0.55
+    with pytest.raises(UserError, match="unknown augmentation"):
+        data.draw_augmentation(2, torch.Generator(), "paper_v2")
+
+
+def test_colour_first_keeps_the_moved_in_border_black():
+    """The authors' order (colour, then warp) leaves the zero padding black; ours jitters it."""
+    image = torch.full((1, 3, 16, 16), 0.5)
+    label = torch.zeros(1, 16, 16, dtype=torch.uint8)
+    shift_right = torch.tensor([[[1.0, 0.0, -0.5], [0.0, 1.0, 0.0]]])   # a quarter of the width moves in
+    brighter = torch.tensor([[0.0, 0.0, 0.05]])
+    theirs, _ = data.apply_augmentation(image, label, shift_right, brighter, colour_first=True)
+    ours, _ = data.apply_augmentation(image, label, shift_right, brighter)
+    assert float(theirs[..., :3].max()) == 0.0 and float(ours[..., :3].min()) > 0.04
+    torch.testing.assert_close(theirs[..., 5:], ours[..., 5:])
+
+
 def test_a_flip_in_the_plan_flips_image_and_label():
     image = torch.zeros(1, 3, 32, 32)
     image[:, :, 4:12, 2:6] = 1.0                      # a bar near the left edge

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from errors import UserError
-from loss import LOSSES, BCELoss, CELoss, DiceBCELoss, DiceLoss, build_loss
+from loss import LOSSES, BCELoss, CELoss, DiceBCELoss, DiceLoss, VarianceConstrainedCELoss, build_loss
 
 BIG = 30.0  # sigmoid(30) = 1 - 9.4e-14: a confident logit
 
@@ -167,7 +167,8 @@ def test_losses_are_float32_under_bfloat16_autocast(name, k):
 # --- registry ------------------------------------------------------------------------------------
 
 def test_build_loss_returns_each_loss():
-    assert LOSSES == ("dice", "bce", "ce", "dice_bce")
+    assert LOSSES == ("dice", "bce", "ce", "dice_bce", "varce")
+    assert isinstance(build_loss("varce", 1), VarianceConstrainedCELoss)
     assert isinstance(build_loss("dice", 1), DiceLoss)
     assert isinstance(build_loss("dice", 5), DiceLoss)
     assert isinstance(build_loss("bce", 1), BCELoss)

@@ -202,7 +202,7 @@ def test_benchmark_runs_and_prints_its_figures(small_drive, capsys):
     figures = figures_in(stdout)
     assert figures["peak GPU memory, training (GiB)"] == "n/a"
     numbers = {name: float(value) for name, value in figures.items() if value != "n/a"}
-    for name in ("train throughput (img/s)", "train step (ms)", "inference throughput, no TTA (img/s)",
+    for name in ("train throughput (img/s)", "train step (ms)", "inference throughput, eager, no TTA (img/s)",
                  "evaluate 2 test images with 8-way TTA, all outputs, after model load (s)",
                  "evaluate, including model load and reading the images (s)"):
         assert numbers[name] > 0, name
@@ -218,12 +218,18 @@ def test_benchmark_bad_flags_are_user_errors(flags):
         benchmark.parse_args(flags)
 
 
-def test_compare_rows_keep_only_what_differs_on_the_device():
+def test_compare_rows_keep_only_what_differs_on_the_device(monkeypatch):
     settings = settings_with()
     batches = {"small": 8, "large": 32}
-    on_gpu = benchmark.compare_configurations(settings, batches, torch.device("cuda", 0), 1)
-    assert [benchmark.describe(row, torch.device("cuda", 0), 1) for _, row in on_gpu] == [
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    on_gpu = benchmark.compare_configurations(settings, batches, gpu, 1)
+    assert [benchmark.describe(row, gpu, 1) for _, row in on_gpu] == [
         "fp32, NCHW, eager, batch 8", "bf16, channels_last, eager, batch 32", "bf16, channels_last, compiled, batch 32"]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert benchmark.describe(on_gpu[1][1], gpu, 1) == "fp16 + loss scaling, channels_last, eager, batch 32"
+    # Under torchrun on GPUs the compile row runs eagerly (see framework.compile_useful), so it is not measured.
+    assert len(benchmark.compare_configurations(settings, batches, gpu, 2)) == 2
     on_cpu = benchmark.compare_configurations(settings, {"small": 8, "large": 8}, torch.device("cpu"), 1)
     assert [benchmark.describe(row, torch.device("cpu"), 1) for _, row in on_cpu] == [
         "fp32, NCHW, eager, batch 8", "fp32, NCHW, compiled, batch 8"]

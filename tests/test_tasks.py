@@ -338,5 +338,5 @@ def test_every_dataset_has_a_reader_a_scorer_a_note_and_a_source():
     for name, spec in tasks.DATASETS.items():
         assert callable(spec.reader) and callable(spec.score), name
         assert spec.notes and spec.source and spec.num_classes >= 1, name
-    with pytest.raises(UserError, match="unknown dataset 'glas'; choose one of"):
-        tasks.dataset("glas")
+    with pytest.raises(UserError, match="unknown dataset 'glas2015'; choose one of"):
+        tasks.dataset("glas2015")
