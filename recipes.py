@@ -31,11 +31,13 @@ RECIPE_WHY = {
     "hires_dice_bce": "hires plus a BCE term beside Dice. Dice alone drives probabilities to 0/1, which ranks "
                       "pixels coarsely and can cost AUC; the BCE term keeps per-pixel probabilities "
                       "calibrated. Its own recipe, so each change is measured alone.",
-    "cpu": "Made to finish in about 40 minutes on a 2-core CPU, from random weights. Random 256x256 crops at "
-           "native resolution keep the 1-2 px capillaries that a resize to 448 thins, and cost a fifth of a "
-           "448x448 image each; the test image is predicted whole at native resolution. AdamW at 2e-3 with a "
-           "30-step warm-up moves a randomly initialised network in hundreds of steps, where the paper's SGD at "
-           "4e-3 (tuned for ImageNet weights) barely leaves its start. Dice + BCE keeps probabilities graded, "
-           "which AUC rewards. 115 epochs = 345 steps of batch 8; the paper's augmentation, with the random crop "
-           "position standing in for the shift.",
+    "cpu": "Made for about 40 minutes of a 2-core CPU, from random weights. Random 256x256 crops at native "
+           "resolution keep the 1-2 px capillaries that a resize to 448 thins, and cost a fifth of a 448x448 image "
+           "each; the test image is predicted whole at native resolution. AdamW at 2e-3 with a 30-step warm-up "
+           "moves a randomly initialised network in hundreds of steps, where the paper's SGD at 4e-3 (tuned for "
+           "ImageNet weights) barely leaves its start. Dice + BCE keeps probabilities graded, which AUC rewards. "
+           "Batch 4 gives twice the updates of batch 8 for the same pixels, and the 8 flips alone (exact copies "
+           "of a labelled image) are the augmentation a short, under-fitted run learns from fastest: against "
+           "batch 8 with the paper's augmentation for the same time, FOV AUC rose from 0.959 to 0.970. "
+           "150 epochs = 750 steps of batch 4.",
 }

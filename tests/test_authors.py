@@ -4,6 +4,8 @@ evaluated with their preprocessing.
 The authors' network is rebuilt here from its published description (names and shapes of CE_Net_ in their
 networks/cenet.py, its forward pass written with torch.nn.functional), independently of networks/cenet.py.
 """
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ import framework
 import inference
 import networks
 import tasks
+from conftest import run_script
 from errors import UserError
 
 DECODERS = {4: (516, 256), 3: (256, 128), 2: (128, 64), 1: (64, 64)}  # in, out channels (theirs)
@@ -179,14 +182,16 @@ def settings_with(**overrides):
     return settings
 
 
-def test_test_py_evaluates_an_authors_checkpoint_with_their_preprocessing(small_drive, tmp_path, capsys):
+def test_test_py_evaluates_an_authors_checkpoint_with_their_preprocessing(small_drive, tmp_path):
     checkpoint = tmp_path / "CE-Net_DRIVE.th"
     torch.save(authors_state_dict(), checkpoint)
-    settings = settings_with(DATA_ROOT=str(small_drive), RESULTS_DIR=str(tmp_path / "results"))
-    summary, out, _ = evaluation.evaluate(checkpoint, settings, given=frozenset({"DATA_ROOT", "TTA"}))
-    notice = capsys.readouterr().err
-    assert "authors' format" in notice and "authors" in notice and "448" in notice
-    assert (out / "metrics.json").is_file() and 0 <= summary["FOV AUC"]["mean"] <= 1
+    result = run_script("test.py", "--checkpoint", checkpoint, "--data-root", small_drive, "--device", "cpu",
+                        "--tta", "false", "--out", tmp_path / "results")
+    assert result.returncode == 0, result.stderr
+    assert "authors' format" in result.stderr and "(authors) at 448 px" in result.stderr
+    report = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    assert report["protocol"]["preprocess"] == "authors" and 0 <= report["summary"]["FOV AUC"]["mean"] <= 1
+    settings = settings_with(DATA_ROOT=str(small_drive))
 
     # The probabilities test.py scores are the authors' forward on their preprocessed image.
     model, merged, _ = evaluation.load_model(checkpoint, settings, frozenset({"DATA_ROOT"}))
