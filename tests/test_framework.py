@@ -88,7 +88,8 @@ def test_optimizer_choice():
 def test_train_config_reads_the_constants_it_needs():
     config = framework.TrainConfig.from_settings(settings(RECIPE="cpu"), sgd_kernel="loop")
     assert (config.patch_size, config.optimizer, config.loss) == (256, "adamw", "dice_bce")
-    assert config.sgd_kernel == "loop" and config.batch_size == constants.BATCH_SIZE
+    assert config.sgd_kernel == "loop" and config.batch_size == recipes.RECIPES["cpu"]["BATCH_SIZE"]
+    assert config.augment == recipes.RECIPES["cpu"]["AUGMENT"]
 
 
 def test_clean_state_dict_strips_any_wrapper_prefix():
