@@ -269,3 +269,14 @@ def test_authors_protocol_end_to_end(small_drive, tmp_path):
     assert set(summary) == {"whole AUC", "whole Acc", "whole Sen"}
     metrics_json = (out / "metrics.json").read_text()
     assert '"scoring": "authors"' in metrics_json and "test_cenet.py" in metrics_json
+
+
+def test_faithful_code_recipe_is_the_authors_training():
+    import argparse
+    args = cli.add_constant_flags(argparse.ArgumentParser()).parse_args(["--recipe", "faithful_code"])
+    settings, _ = cli.settings_from(args)
+    assert (settings["PREPROCESS"], settings["AUGMENT"], settings["LOSS"]) == ("authors", "authors_code", "bce")
+    assert (settings["OPTIMIZER"], settings["LR"], settings["WEIGHT_DECAY"]) == ("adamw", 2e-4, 0.0)
+    assert settings["IMAGE_SIZE"] == 448 and settings["BATCH_SIZE"] == 8 and settings["EPOCHS"] == 300
+    # A poly power of 0 keeps the learning rate constant, as their Adam (before any plateau halving).
+    assert {framework.poly_lr(2e-4, step, 900, settings["POLY_POWER"]) for step in (0, 450, 899)} == {2e-4}
