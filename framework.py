@@ -364,6 +364,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.total_steps = data.steps_for(len(images), config.batch_size, config.epochs)
         self.plan = self.draw_plan(len(images), config.batch_size // world_size)
+        self.colour_first = data.augmentation_parts(config.augment).get("colour_first", False)
         self.step_count = 0
         wrapped = self.model
         if world_size > 1:
@@ -400,14 +401,13 @@ class Trainer:
         index = self.plan["indices"][step]
         images = self.images[index].float() / 255
         labels = self.labels[index]
-        colour_first = data.augmentation_parts(self.config.augment).get("colour_first", False)
         if self.config.patch_size:  # the crop is one resampling with the augmentation (identity when off)
             images, labels = data.apply_augmentation(images, labels, self.plan["theta"][step],
                                                      self.plan["hsv"][step], out_size=self.config.patch_size,
-                                                     colour_first=colour_first)
+                                                     colour_first=self.colour_first)
         elif self.config.augment != "none":
             images, labels = data.apply_augmentation(images, labels, self.plan["theta"][step],
-                                                     self.plan["hsv"][step], colour_first=colour_first)
+                                                     self.plan["hsv"][step], colour_first=self.colour_first)
         images = data.normalize(images, self.config.preprocess).contiguous(memory_format=self.format)
         return images, labels.long()
 
