@@ -3,9 +3,13 @@
     python compare.py results/cenet_drive_cpu results/unet_drive_cpu --name drive_cpu \
         --title "DRIVE on a 2-core CPU: CE-Net vs U-Net, cpu recipe"
 
-Each argument is a folder test.py wrote. Writes <out>/<name>.json and <out>/<name>.md (mean ± std per
-model, the paired differences with Wilcoxon signed-rank p-values, wall times, commands, machine) and
-copies the first run's ROC plot, one overlay and its training curve to <out>/figures/.
+    python compare.py results/fullnet_drive_cpu --carry results/drive_cpu.json --name drive_cpu
+
+Each argument is a folder test.py wrote; --carry puts the runs of a table written before first (their
+per-image numbers are in it, so their checkpoints and folders need not be on this disk). Writes
+<out>/<name>.json and <out>/<name>.md (mean ± std per model, the paired differences with Wilcoxon
+signed-rank p-values, wall times, commands, machine) and copies the first run's ROC plot, one overlay
+and its training curve to <out>/figures/.
 """
 import argparse
 
@@ -15,7 +19,10 @@ import comparison
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="test.py output folders; the first is compared with each other")
+    parser.add_argument("runs", nargs="*", help="test.py output folders; the first is compared with each other")
+    parser.add_argument("--carry", default=None,
+                        help="a <name>.json compare.py wrote: its runs come first, so new runs join a table "
+                             "whose checkpoints or test.py folders are gone")
     parser.add_argument("--name", default="comparison", help="file name of the table (default: comparison)")
     parser.add_argument("--title", default="Evaluated runs side by side", help="the table's heading")
     parser.add_argument("--out", default="results", help="folder for <name>.json, <name>.md and figures/")
@@ -28,7 +35,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     json_path, md_path = comparison.write(args.name, args.title, args.runs, args.out, args.overlay,
-                                           args.note)
+                                           args.note, carry=args.carry)
     print(f"wrote {json_path} and {md_path}")
 
 

@@ -1,5 +1,9 @@
-"""Two or more evaluated runs side by side, and a paired per-image comparison of the first against each
-other: what compare.py writes as <name>.json and <name>.md (the CPU results table of the README).
+"""Two or more evaluated runs side by side, and paired per-image comparisons: what compare.py writes as
+<name>.json and <name>.md (the CPU results table of the README).
+
+Differences never mix test protocols: each run is paired with the first run of the table that was scored
+the same way (test-time augmentation, threshold, scoring), so with one protocol every run is compared with
+the first, and a run evaluated without TTA is compared with the first run evaluated without TTA.
 
 A run is a test.py output folder: its metrics.json (per-image rows, protocol) and the checkpoint it names
 (steps, training wall time, settings). The paired comparison takes, for every metric, the per-image
@@ -8,6 +12,7 @@ and the two-sided Wilcoxon signed-rank p-value (scipy's exact distribution for n
 """
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +39,90 @@ def load_run(eval_dir):
     model = evaluated["protocol"]["model"]
     return {
         "eval_dir": str(eval_dir), "checkpoint": checkpoint, "model": model,
-        "title": networks.MODEL_TITLES.get(model, model),
+        "title": networks.MODEL_TITLES.get(model, model), "loss": settings.get("LOSS"),
         "summary": evaluated["summary"], "per_image": evaluated["per_image"], "protocol": evaluated["protocol"],
         "steps": payload.get("step"), "train_seconds": payload.get("train_seconds"),
         "eval_seconds": evaluated["seconds"]["total_after_load"], "pretrained": payload.get("pretrained"),
         "train_machine": payload.get("machine"), "train_log": find_train_log(checkpoint, settings),
         "train_commit": payload.get("git_commit", "not recorded"),
         "train_command": training_command(settings),
-        "eval_command": f"python test.py --checkpoint {checkpoint}",
+        "eval_command": evaluation_command(checkpoint, evaluated["protocol"]),
     }
+
+
+LOSS_TITLES = {"dice": "Dice", "bce": "BCE", "ce": "CE", "dice_bce": "Dice + BCE", "varce": "varCE"}
+
+
+def carried_runs(table_path):
+    """The runs of a table compare.py wrote before, for putting new runs beside them when their test.py
+    folders or checkpoints are no longer on this disk (the table keeps every per-image number)."""
+    path = Path(table_path)
+    if not path.is_file():
+        raise UserError(f"{path} not found; --carry takes a <name>.json that compare.py wrote")
+    table = json.loads(path.read_text())
+    if not isinstance(table, dict) or not table.get("runs"):
+        raise UserError(f"{path} has no runs; --carry takes a <name>.json that compare.py wrote")
+    runs = table["runs"]
+    for run in runs:
+        if "loss" not in run and Path(run["checkpoint"]).is_file():
+            run["loss"] = framework.read_checkpoint(run["checkpoint"]).get("settings", {}).get("LOSS")
+    return runs, [path.parent / name for name in table.get("figures", []) if (path.parent / name).is_file()]
+
+
+def distinct_titles(runs):
+    """Each run titled by its model; where several runs share a model, the title adds what tells them
+    apart: the loss ('FullNet, varCE'), the number of steps ('CE-Net, 1500 steps'), 'no TTA'."""
+    for run in runs:
+        run["title"] = networks.MODEL_TITLES.get(run["model"], run["model"])
+    groups = {}
+    for run in runs:
+        groups.setdefault(run["title"], []).append(run)
+    for group in groups.values():
+        if len(group) == 1:
+            continue
+        differ = {name: len({value(run) for run in group}) > 1 for name, value in (
+            ("loss", lambda run: run.get("loss")), ("steps", lambda run: run.get("steps")),
+            ("tta", lambda run: run.get("protocol", {}).get("tta", True)))}
+        for run in group:
+            parts = [run["title"]]
+            if differ["loss"]:
+                parts.append(LOSS_TITLES.get(run.get("loss"), str(run.get("loss"))))
+            if differ["steps"] or not (differ["loss"] or differ["tta"]):
+                parts.append(f"{run.get('steps')} steps")
+            if differ["tta"] and not run.get("protocol", {}).get("tta", True):
+                parts.append("no TTA")
+            run["title"] = ", ".join(parts)
+    return runs
+
+
+def scored_alike(run):
+    protocol = run["protocol"]
+    return (protocol.get("tta"), protocol.get("threshold"), protocol.get("scoring", "ours"))
+
+
+def reference_pairs(runs):
+    """(reference, other) index pairs: every run after the first of its protocol, with that first run."""
+    first_of = {}
+    pairs = []
+    for index, run in enumerate(runs):
+        key = scored_alike(run)
+        if key in first_of:
+            pairs.append((first_of[key], index))
+        else:
+            first_of[key] = index
+    return pairs
+
+
+def evaluation_command(checkpoint, protocol):
+    """`python test.py` with the flags that reproduce the run's test protocol over constants.py."""
+    words = [f"python test.py --checkpoint {checkpoint}"]
+    if not protocol.get("tta", True):
+        words.append("--tta false")
+    if protocol.get("threshold", constants.THRESHOLD) != constants.THRESHOLD:
+        words.append(f"--threshold {protocol['threshold']}")
+    if protocol.get("scoring", "ours") != constants.PROTOCOL:
+        words.append(f"--protocol {protocol['scoring']}")
+    return " ".join(words)
 
 
 def find_train_log(checkpoint, settings):
@@ -113,12 +193,13 @@ def render_markdown(title, runs, comparisons, metric_names, figures, notes=()):
              "file. Every number below was measured, on the machine named under *How these were made*.", "",
              f"## Test images: mean ± std over the {len(first['per_image'])} images", "",
              first["protocol"]["evaluation"], ""]
-    headers = ["model", "steps", "training", "evaluation"] + metric_names
-    rows = [[run["title"], run["steps"], minutes(run["train_seconds"]), minutes(run["eval_seconds"])]
+    headers = ["model", "steps", "training", "test-time augmentation", "evaluation"] + metric_names
+    rows = [[run["title"], run["steps"], minutes(run["train_seconds"]),
+             "8-way flips" if run["protocol"]["tta"] else "none", minutes(run["eval_seconds"])]
             + [summary_cell(run["summary"].get(name)) for name in metric_names] for run in runs]
     lines.append(report.markdown_table(headers, rows))
-    for other, comparison in zip(runs[1:], comparisons):
-        lines += [f"## Paired per-image comparison: {first['title']} − {other['title']}", "",
+    for reference, other, comparison in comparisons:
+        lines += [f"## Paired per-image comparison: {reference['title']} − {other['title']}", "",
                   "Differences taken image by image over the same test images; p = two-sided Wilcoxon "
                   "signed-rank test of those differences.", ""]
         body = []
@@ -128,7 +209,7 @@ def render_markdown(title, runs, comparisons, metric_names, figures, notes=()):
             mean = "n/a" if entry["mean_difference"] is None else f"{entry['mean_difference']:+.4f}"
             body.append([name, mean, f"{entry['first_higher']} of {entry['images']}", p_value])
         lines.append(report.markdown_table(
-            ["metric", "mean difference", f"images where {first['title']} is higher", "Wilcoxon p"], body))
+            ["metric", "mean difference", f"images where {reference['title']} is higher", "Wilcoxon p"], body))
     lines += ["## How these were made", ""]
     for run in runs:
         machine = f" on {run['train_machine']}" if run["train_machine"] else ""
@@ -170,14 +251,35 @@ def copy_figures(run, out, prefix, overlay):
     return written
 
 
-def write(name, title, eval_dirs, out, overlay="01", notes=()):
-    runs = [load_run(path) for path in eval_dirs]
+def keep_figures(paths, out):
+    """The carried table's figures, as paths relative to `out` (copied there when the table lived elsewhere)."""
+    kept = []
+    for path in paths:
+        target = Path(out) / "figures" / path.name
+        if path.resolve() != target.resolve():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        kept.append(f"figures/{path.name}")
+    return kept
+
+
+def write(name, title, eval_dirs, out, overlay="01", notes=(), carry=None):
+    """`carry`: a table written before whose runs come first (its first run stays the reference), with
+    its figures where the first run's test.py folder is no longer on this disk."""
+    runs, carried_figures = carried_runs(carry) if carry else ([], [])
+    runs = distinct_titles(runs + [load_run(path) for path in eval_dirs])
+    if not runs:
+        raise UserError("nothing to compare: pass test.py output folders (and/or --carry TABLE.json)")
     metric_names = list(runs[0]["summary"])
-    comparisons = [paired(runs[0], other, metric_names) for other in runs[1:]]
-    figures = copy_figures(runs[0], out, name, overlay)
+    comparisons = [(runs[a], runs[b], paired(runs[a], runs[b], metric_names)) for a, b in reference_pairs(runs)]
+    if Path(runs[0]["eval_dir"]).is_dir():
+        figures = copy_figures(runs[0], out, name, overlay)
+    else:
+        figures = keep_figures(carried_figures, out)
     payload = {"title": title, "runs": runs, "paired": [
-        {"first": runs[0]["model"], "other": other["model"], "metrics": comparison}
-        for other, comparison in zip(runs[1:], comparisons)], "figures": figures, "notes": list(notes)}
+        {"first": reference["model"], "other": other["model"], "first_title": reference["title"],
+         "other_title": other["title"], "metrics": comparison}
+        for reference, other, comparison in comparisons], "figures": figures, "notes": list(notes)}
     out = Path(out)
     report.write_json(out / f"{name}.json", payload)
     report.write_text(out / f"{name}.md", render_markdown(title, runs, comparisons, metric_names, figures, notes))

@@ -1,7 +1,7 @@
 """Train CE-Net (or a baseline) with the paper's recipe, or a named one.
 
     python main.py                                  # constants.py as it is (the paper's recipe)
-    python main.py --recipe cpu                     # about 35 minutes on a 2-core CPU (see README)
+    python main.py --recipe cpu                     # 20 to 40 minutes on a 2-core CPU (see README)
     python main.py --resume weights/RUN/last.pth    # continue a stopped run exactly
     python main.py --data-root ../DRIVE --epochs 300
     torchrun --nproc_per_node=4 main.py ...         # several GPUs, same checkpoint format

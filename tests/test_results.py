@@ -47,6 +47,62 @@ def test_training_command_names_what_differs_from_the_recipe():
     assert comparison.training_command(settings) == "python main.py --recipe cpu --model unet --epochs 19 --visdom false"
 
 
+def test_runs_of_one_model_are_told_apart_by_loss_or_steps():
+    runs = [{"model": "cenet", "loss": "dice_bce", "steps": 750}, {"model": "fullnet", "loss": "bce", "steps": 20},
+            {"model": "fullnet", "loss": "varce", "steps": 20}, {"model": "unet", "loss": None, "steps": 130},
+            {"model": "cenet", "loss": "dice_bce", "steps": 1500, "title": "CE-Net, 1500 steps"},
+            {"model": "cenet", "loss": "dice_bce", "steps": 750, "protocol": {"tta": False}}]
+    titles = [run["title"] for run in comparison.distinct_titles(runs)]
+    assert titles == ["CE-Net, 750 steps", "FullNet, BCE", "FullNet, varCE", "U-Net", "CE-Net, 1500 steps",
+                      "CE-Net, 750 steps, no TTA"]
+    same_but_tta = comparison.distinct_titles([runs[0], runs[-1]])
+    assert [run["title"] for run in same_but_tta] == ["CE-Net", "CE-Net, no TTA"]
+
+
+def full_fake_run(model, values, steps):
+    run = fake_run(values, f"gone/{model}")
+    run.update(model=model, title=model, checkpoint=f"gone/{model}.pth", steps=steps, train_seconds=60.0,
+               eval_seconds=6.0, pretrained="none", train_machine="CPU", train_commit="abc",
+               train_command="python main.py", eval_command="python test.py",
+               summary={"FOV AUC": {"mean": sum(values) / len(values), "std": 0.0}},
+               protocol={"evaluation": "scored as stated", "tta": True, "threshold": 0.5, "device": "cpu"})
+    return run
+
+
+def test_new_runs_join_a_carried_table_whose_folders_are_gone(tmp_path):
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "old_roc.png").write_bytes(b"png")
+    table = {"runs": [full_fake_run("cenet", [0.90, 0.92, 0.94, 0.96, 0.98], 750),
+                      full_fake_run("unet", [0.89, 0.90, 0.91, 0.92, 0.93], 130)],
+             "figures": ["figures/old_roc.png", "figures/deleted.png"]}
+    (tmp_path / "old.json").write_text(json.dumps(table))
+    json_path, md_path = comparison.write("new", "t", [], tmp_path, carry=tmp_path / "old.json")
+    written = json.loads(json_path.read_text())
+    assert [run["title"] for run in written["runs"]] == ["CE-Net", "U-Net"]
+    assert written["paired"][0]["metrics"]["FOV AUC"]["mean_difference"] == pytest.approx(0.03)
+    assert written["figures"] == ["figures/old_roc.png"]  # the carried figure that still exists
+    assert "figures/old_roc.png" in md_path.read_text()
+    elsewhere = tmp_path / "elsewhere"
+    comparison.write("new", "t", [], elsewhere, carry=tmp_path / "old.json")
+    assert (elsewhere / "figures" / "old_roc.png").read_bytes() == b"png"
+    with pytest.raises(UserError, match="--carry takes"):
+        comparison.write("new", "t", [], tmp_path, carry=tmp_path / "missing.json")
+
+
+def test_evaluation_command_reproduces_the_test_protocol():
+    assert comparison.evaluation_command("w.pth", {"tta": True, "threshold": 0.5, "scoring": "ours"}) == \
+        "python test.py --checkpoint w.pth"
+    assert comparison.evaluation_command("w.pth", {"tta": False, "threshold": 0.4, "scoring": "authors"}) == \
+        "python test.py --checkpoint w.pth --tta false --threshold 0.4 --protocol authors"
+
+
+def test_runs_are_paired_only_with_a_run_scored_the_same_way():
+    def run(tta, threshold=0.5):
+        return {"protocol": {"tta": tta, "threshold": threshold}}
+    runs = [run(True), run(True), run(False), run(True), run(False), run(True, 0.4)]
+    assert comparison.reference_pairs(runs) == [(0, 1), (0, 3), (2, 4)]
+
+
 def test_release_copy_is_float16_and_evaluates_like_the_original(tmp_path):
     torch.manual_seed(0)
     model = networks.build_model("backbone_rmp").eval()
@@ -83,7 +139,8 @@ def test_readme_states_the_released_checkpoints_sha256():
 def test_released_checkpoint_reproduces_the_committed_numbers(drive_root, tmp_path):
     """From now on, a change to preprocessing, test-time augmentation or a metric fails here."""
     committed = json.loads(COMMITTED.read_text())
-    cenet = next(run for run in committed["runs"] if run["checkpoint"].endswith(RELEASED.name))
+    cenet = next(run for run in committed["runs"]  # the row test.py's defaults give (with TTA)
+                 if run["checkpoint"].endswith(RELEASED.name) and run["protocol"]["tta"])
     out = tmp_path / "released"
     result = run_script("test.py", "--checkpoint", RELEASED, "--data-root", drive_root, "--out", out,
                         "--device", "cpu")
