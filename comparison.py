@@ -66,7 +66,7 @@ def carried_runs(table_path):
     for run in runs:
         if "loss" not in run and Path(run["checkpoint"]).is_file():
             run["loss"] = framework.read_checkpoint(run["checkpoint"]).get("settings", {}).get("LOSS")
-    return runs, [path.parent / name for name in table.get("figures", []) if (path.parent / name).is_file()]
+    return runs, path.parent, table.get("figures", [])
 
 
 def distinct_titles(runs):
@@ -92,6 +92,10 @@ def distinct_titles(runs):
             if differ["tta"] and not run.get("protocol", {}).get("tta", True):
                 parts.append("no TTA")
             run["title"] = ", ".join(parts)
+        titles = [run["title"] for run in group]
+        for run in group:  # differing in something else (a learning rate, a seed): the run's folder says which
+            if titles.count(run["title"]) > 1:
+                run["title"] += f" ({Path(run['checkpoint']).parent.name})"
     return runs
 
 
@@ -251,22 +255,27 @@ def copy_figures(run, out, prefix, overlay):
     return written
 
 
-def keep_figures(paths, out):
-    """The carried table's figures, as paths relative to `out` (copied there when the table lived elsewhere)."""
+def keep_figures(names, table_dir, out):
+    """The carried table's figures that still exist, beside the table or already in `out`, as paths relative
+    to `out` (copied there when they live elsewhere)."""
     kept = []
-    for path in paths:
-        target = Path(out) / "figures" / path.name
-        if path.resolve() != target.resolve():
+    for name in names:
+        found = next((folder / name for folder in (Path(table_dir), Path(out)) if (folder / name).is_file()), None)
+        if found is None:
+            print(f"notice: {name} of the carried table not found; left out of the figures")
+            continue
+        target = Path(out) / "figures" / found.name
+        if found.resolve() != target.resolve():
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
-        kept.append(f"figures/{path.name}")
+            shutil.copyfile(found, target)
+        kept.append(f"figures/{found.name}")
     return kept
 
 
 def write(name, title, eval_dirs, out, overlay="01", notes=(), carry=None):
     """`carry`: a table written before whose runs come first (its first run stays the reference), with
     its figures where the first run's test.py folder is no longer on this disk."""
-    runs, carried_figures = carried_runs(carry) if carry else ([], [])
+    runs, carried_dir, carried_figures = carried_runs(carry) if carry else ([], None, [])
     runs = distinct_titles(runs + [load_run(path) for path in eval_dirs])
     if not runs:
         raise UserError("nothing to compare: pass test.py output folders (and/or --carry TABLE.json)")
@@ -275,7 +284,7 @@ def write(name, title, eval_dirs, out, overlay="01", notes=(), carry=None):
     if Path(runs[0]["eval_dir"]).is_dir():
         figures = copy_figures(runs[0], out, name, overlay)
     else:
-        figures = keep_figures(carried_figures, out)
+        figures = keep_figures(carried_figures, carried_dir, out)
     payload = {"title": title, "runs": runs, "paired": [
         {"first": reference["model"], "other": other["model"], "first_title": reference["title"],
          "other_title": other["title"], "metrics": comparison}

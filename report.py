@@ -35,6 +35,7 @@ def write_json(path, payload):
 
 def write_text(path, text):
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".partial")
     temporary.write_text(text)
     os.replace(temporary, path)

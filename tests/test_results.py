@@ -57,6 +57,10 @@ def test_runs_of_one_model_are_told_apart_by_loss_or_steps():
                       "CE-Net, 750 steps, no TTA"]
     same_but_tta = comparison.distinct_titles([runs[0], runs[-1]])
     assert [run["title"] for run in same_but_tta] == ["CE-Net", "CE-Net, no TTA"]
+    other_lr = [{"model": "cenet", "loss": "bce", "steps": 5, "checkpoint": f"weights/{name}/final.pth"}
+                for name in ("lr_2e-3", "lr_3e-3")]
+    assert [run["title"] for run in comparison.distinct_titles(other_lr)] == [
+        "CE-Net, 5 steps (lr_2e-3)", "CE-Net, 5 steps (lr_3e-3)"]
 
 
 def full_fake_run(model, values, steps):
@@ -85,6 +89,16 @@ def test_new_runs_join_a_carried_table_whose_folders_are_gone(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     comparison.write("new", "t", [], elsewhere, carry=tmp_path / "old.json")
     assert (elsewhere / "figures" / "old_roc.png").read_bytes() == b"png"
+    # a copy of the table kept away from its figures still finds them in the output folder
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "old.json").write_text(json.dumps(table))
+    json_path, _ = comparison.write("new", "t", [], tmp_path, carry=tmp_path / "kept" / "old.json")
+    assert json.loads(json_path.read_text())["figures"] == ["figures/old_roc.png"]
+    # a new output folder with nothing to copy into it is made, not a traceback
+    table["figures"] = []
+    (tmp_path / "old.json").write_text(json.dumps(table))
+    json_path, _ = comparison.write("new", "t", [], tmp_path / "new" / "folder", carry=tmp_path / "old.json")
+    assert json_path.is_file()
     with pytest.raises(UserError, match="--carry takes"):
         comparison.write("new", "t", [], tmp_path, carry=tmp_path / "missing.json")
 
