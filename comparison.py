@@ -59,12 +59,15 @@ def carried_runs(table_path):
     path = Path(table_path)
     if not path.is_file():
         raise UserError(f"{path} not found; --carry takes a <name>.json that compare.py wrote")
-    table = json.loads(path.read_text())
+    try:
+        table = json.loads(path.read_text())
+    except ValueError as error:
+        raise UserError(f"{path} is not JSON ({error}); --carry takes a <name>.json that compare.py wrote")
     if not isinstance(table, dict) or not table.get("runs"):
         raise UserError(f"{path} has no runs; --carry takes a <name>.json that compare.py wrote")
     runs = table["runs"]
     for run in runs:
-        if "loss" not in run and Path(run["checkpoint"]).is_file():
+        if "loss" not in run and Path(run.get("checkpoint", "")).is_file():
             run["loss"] = framework.read_checkpoint(run["checkpoint"]).get("settings", {}).get("LOSS")
     return runs, path.parent, table.get("figures", [])
 

@@ -101,6 +101,9 @@ def test_new_runs_join_a_carried_table_whose_folders_are_gone(tmp_path):
     assert json_path.is_file()
     with pytest.raises(UserError, match="--carry takes"):
         comparison.write("new", "t", [], tmp_path, carry=tmp_path / "missing.json")
+    (tmp_path / "broken.json").write_text("{ not json")
+    with pytest.raises(UserError, match="is not JSON"):
+        comparison.write("new", "t", [], tmp_path, carry=tmp_path / "broken.json")
 
 
 def test_evaluation_command_reproduces_the_test_protocol():
