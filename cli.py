@@ -72,6 +72,7 @@ RANGES = {
     "THRESHOLD": (lambda value: 0 < value < 1, "strictly between 0 and 1"),
     "IMAGE_SIZE": (lambda value: value > 0 and value % 32 == 0, "a positive multiple of 32, e.g. 448"),
     "PATCH_SIZE": (lambda value: value >= 0 and value % 32 == 0, "0 or a positive multiple of 32, e.g. 256"),
+    "PATCH_SCALE": (lambda value: 0.25 <= value <= 4, "in [0.25, 4], e.g. 1.5"),
     "NUM_FOLDS": (lambda value: value >= 2, "at least 2"),
     "CROP_SIZE": (lambda value: value > 0, "greater than 0"),
     "VISDOM_PORT": (lambda value: 0 < value < 65536, "a port number"),

@@ -4,6 +4,7 @@
         --title "DRIVE on a 2-core CPU: CE-Net vs U-Net, cpu recipe"
 
     python compare.py results/fullnet_drive_cpu --carry results/drive_cpu.json --name drive_cpu
+    python compare.py results/new_cenet --carry results/drive_cpu.json --carry-after --name drive_cpu
 
 Each argument is a folder test.py wrote; --carry puts the runs of a table written before first (their
 per-image numbers are in it, so their checkpoints and folders need not be on this disk). Writes
@@ -23,6 +24,9 @@ def parse_args(argv=None):
     parser.add_argument("--carry", default=None,
                         help="a <name>.json compare.py wrote: its runs come first, so new runs join a table "
                              "whose checkpoints or test.py folders are gone")
+    parser.add_argument("--carry-after", action="store_true",
+                        help="put the carried runs after the new ones, so the first new run is the reference "
+                             "every other run is paired with (and its figures are the table's)")
     parser.add_argument("--name", default="comparison", help="file name of the table (default: comparison)")
     parser.add_argument("--title", default="Evaluated runs side by side", help="the table's heading")
     parser.add_argument("--out", default="results", help="folder for <name>.json, <name>.md and figures/")
@@ -35,7 +39,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     json_path, md_path = comparison.write(args.name, args.title, args.runs, args.out, args.overlay,
-                                           args.note, carry=args.carry)
+                                           args.note, carry=args.carry, carry_after=args.carry_after)
     print(f"wrote {json_path} and {md_path}")
 
 

@@ -51,6 +51,7 @@ def load_run(eval_dir):
 
 
 LOSS_TITLES = {"dice": "Dice", "bce": "BCE", "ce": "CE", "dice_bce": "Dice + BCE", "varce": "varCE"}
+PREPROCESS_TITLES = {"clahe": "CLAHE", "authors": "authors' preprocessing"}
 
 
 def carried_runs(table_path):
@@ -74,7 +75,8 @@ def carried_runs(table_path):
 
 def distinct_titles(runs):
     """Each run titled by its model; where several runs share a model, the title adds what tells them
-    apart: the loss ('FullNet, varCE'), the number of steps ('CE-Net, 1500 steps'), 'no TTA'."""
+    apart: the loss ('FullNet, varCE'), the preprocessing ('CE-Net, CLAHE'), the number of steps
+    ('CE-Net, 1500 steps'), 'no TTA'."""
     for run in runs:
         run["title"] = networks.MODEL_TITLES.get(run["model"], run["model"])
     groups = {}
@@ -84,13 +86,15 @@ def distinct_titles(runs):
         if len(group) == 1:
             continue
         differ = {name: len({value(run) for run in group}) > 1 for name, value in (
-            ("loss", lambda run: run.get("loss")), ("steps", lambda run: run.get("steps")),
-            ("tta", lambda run: run.get("protocol", {}).get("tta", True)))}
+            ("loss", lambda run: run.get("loss")), ("preprocess", preprocess_of),
+            ("steps", lambda run: run.get("steps")), ("tta", lambda run: run.get("protocol", {}).get("tta", True)))}
         for run in group:
             parts = [run["title"]]
             if differ["loss"]:
                 parts.append(LOSS_TITLES.get(run.get("loss"), str(run.get("loss"))))
-            if differ["steps"] or not (differ["loss"] or differ["tta"]):
+            if differ["preprocess"] and preprocess_of(run) != "ours":
+                parts.append(PREPROCESS_TITLES.get(preprocess_of(run), preprocess_of(run)))
+            if differ["steps"] or not (differ["loss"] or differ["preprocess"] or differ["tta"]):
                 parts.append(f"{run.get('steps')} steps")
             if differ["tta"] and not run.get("protocol", {}).get("tta", True):
                 parts.append("no TTA")
@@ -100,6 +104,10 @@ def distinct_titles(runs):
             if titles.count(run["title"]) > 1:
                 run["title"] += f" ({Path(run['checkpoint']).parent.name})"
     return runs
+
+
+def preprocess_of(run):
+    return run.get("protocol", {}).get("preprocess", "ours")
 
 
 def scored_alike(run):
@@ -275,11 +283,13 @@ def keep_figures(names, table_dir, out):
     return kept
 
 
-def write(name, title, eval_dirs, out, overlay="01", notes=(), carry=None):
+def write(name, title, eval_dirs, out, overlay="01", notes=(), carry=None, carry_after=False):
     """`carry`: a table written before whose runs come first (its first run stays the reference), with
-    its figures where the first run's test.py folder is no longer on this disk."""
-    runs, carried_dir, carried_figures = carried_runs(carry) if carry else ([], None, [])
-    runs = distinct_titles(runs + [load_run(path) for path in eval_dirs])
+    its figures where the first run's test.py folder is no longer on this disk; with `carry_after` they
+    come after the new runs, so the first new run becomes the reference."""
+    carried, carried_dir, carried_figures = carried_runs(carry) if carry else ([], None, [])
+    new = [load_run(path) for path in eval_dirs]
+    runs = distinct_titles(new + carried if carry_after else carried + new)
     if not runs:
         raise UserError("nothing to compare: pass test.py output folders (and/or --carry TABLE.json)")
     metric_names = list(runs[0]["summary"])

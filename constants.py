@@ -12,10 +12,14 @@ IMAGE_SIZE = 448              # train/test side in pixels (square); must be a mu
 PATCH_SIZE = 0                # 0: whole images resized to IMAGE_SIZE (the paper). N > 0: train on random
                               # N x N crops at native resolution and test on the whole native image,
                               # zero-padded to a multiple of 32 (IMAGE_SIZE then plays no part)
+PATCH_SCALE = 1.0             # with PATCH_SIZE: every image (and label) is resized by this factor before
+                              # crops are cut and before prediction, whose probabilities are resized back to
+                              # native resolution (> 1 widens capillaries the encoder's stride-4 stem thins)
 FOLD = 0                      # cross-validation fold, for datasets evaluated by k-fold
 NUM_FOLDS = 5                 # number of folds for those datasets
 CROP_SIZE = 800               # optic disc (ORIGA, Messidor): side of the crop around the brightest point
-PREPROCESS = "ours"           # ours: RGB, ImageNet mean/std; authors: as the authors' code (BGR, x/255*3.2-1.6).
+PREPROCESS = "ours"           # ours: RGB, ImageNet mean/std; authors: as the authors' code (BGR, x/255*3.2-1.6);
+                              # clahe: ours after per-channel CLAHE (see data.PREPROCESSINGS).
                               # Checkpoints record theirs, and test.py follows the checkpoint
 
 # --- model ------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ PREPROCESSINGS = {
     "ours": "RGB, antialiased bilinear resize, ImageNet mean/std (the encoder's pretraining statistics)",
     "authors": "the CE-Net authors' released code: OpenCV's BGR channel order, bilinear resize without "
                "antialiasing (OpenCV's INTER_LINEAR, to within one grey level), x / 255 * 3.2 - 1.6",
+    "clahe": "as ours, after contrast-limited adaptive histogram equalisation (CLAHE, scikit-image's defaults) "
+             "of each of R, G and B at the image's decoded resolution: raises the local contrast of "
+             "capillaries (not in the paper)",
 }
 
 
@@ -67,24 +70,48 @@ def check_image_size(size):
 
 
 def resize_image(image, size, preprocess="ours"):
-    """(H, W, 3) uint8 array -> (3, size, size) uint8 tensor, bilinear: antialiased for "ours"; plain, with
-    half-pixel centres, as OpenCV's cv2.resize does, for "authors"."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    resized = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=preprocess == "ours",
+    """(H, W, 3) uint8 array -> (3, size, size) uint8 tensor (size may also be a (height, width) pair),
+    bilinear: antialiased for "ours"; plain, with half-pixel centres, as OpenCV's cv2.resize does, for
+    "authors"."""
+    tensor = torch.from_numpy(np.ascontiguousarray(enhance(image, preprocess))).permute(2, 0, 1)[None].float()
+    resized = F.interpolate(tensor, size=as_pair(size), mode="bilinear", antialias=preprocess != "authors",
                             align_corners=False)
     return resized[0].round().clamp(0, 255).to(torch.uint8)
 
 
 
 def resize_label(label, size, num_classes):
-    """Class map -> (size, size) uint8. Binary maps are resampled smoothly then thresholded at one half,
-    which keeps thin vessels connected better than nearest-neighbour; multi-class maps use nearest."""
+    """Class map -> (size, size) uint8 (or a (height, width) pair). Binary maps are resampled smoothly then
+    thresholded at one half, which keeps thin vessels connected better than nearest-neighbour; multi-class
+    maps use nearest."""
     tensor = torch.from_numpy(np.ascontiguousarray(label))[None, None].float()
     if num_classes == 1:
-        resized = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False) > 0.5
+        resized = F.interpolate(tensor, size=as_pair(size), mode="bilinear", align_corners=False) > 0.5
     else:
-        resized = F.interpolate(tensor, size=(size, size), mode="nearest-exact")
+        resized = F.interpolate(tensor, size=as_pair(size), mode="nearest-exact")
     return resized[0, 0].to(torch.uint8)
+
+
+
+def enhance(image, preprocess):
+    """The per-image part of a preprocessing, on the decoded (H, W, 3) uint8 image: CLAHE for "clahe",
+    nothing for the others (their whole work is the per-batch `normalize`)."""
+    if preprocess != "clahe":
+        return image
+    from skimage import exposure
+    channels = [exposure.equalize_adapthist(image[..., channel]) for channel in range(image.shape[-1])]
+    return (np.stack(channels, -1) * 255).round().astype(np.uint8)
+
+
+
+def as_pair(size):
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+
+def scaled_shape(shape, scale):
+    """(height, width) of a native image shape resized by PATCH_SCALE `scale`."""
+    return tuple(max(1, round(side * scale)) for side in shape[:2])
 
 
 
@@ -96,19 +123,31 @@ def stack_samples(samples, size, num_classes, preprocess="ours"):
 
 
 
-def stack_native(samples, num_classes):
-    """Decode once at native resolution: images (N, 3, H, W) and labels (N, H, W) as uint8 tensors, each
-    zero-padded at the bottom and right to the largest height and width of the set (DRIVE: all 584 x 565,
-    no padding). Padding is black with background label, as pixels moved in by the augmentation are."""
-    height = max(sample.image.shape[0] for sample in samples)
-    width = max(sample.image.shape[1] for sample in samples)
-    images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
-    labels = torch.zeros(len(samples), height, width, dtype=torch.uint8)
-    for index, sample in enumerate(samples):
-        rows, cols = sample.label.shape
-        images[index, :, :rows, :cols] = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1)
-        labels[index, :rows, :cols] = torch.from_numpy(np.ascontiguousarray(sample.label))
-    return images, labels
+def stack_native(samples, num_classes, scale=1.0, preprocess="ours"):
+    """Decode once at native resolution, or resized by `scale` (PATCH_SCALE): images (N, 3, H, W) and labels
+    (N, H, W) as uint8 tensors, each zero-padded at the bottom and right to the largest height and width of
+    the set (DRIVE: all 584 x 565, no padding). Padding is black with background label, as pixels moved in
+    by the augmentation are."""
+    images, labels = zip(*(native_tensors(sample, num_classes, scale, preprocess) for sample in samples))
+    height = max(image.shape[-2] for image in images)
+    width = max(image.shape[-1] for image in images)
+    stacked_images = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
+    stacked_labels = torch.zeros(len(samples), height, width, dtype=torch.uint8)
+    for index, (image, label) in enumerate(zip(images, labels)):
+        rows, cols = label.shape
+        stacked_images[index, :, :rows, :cols] = image
+        stacked_labels[index, :rows, :cols] = label
+    return stacked_images, stacked_labels
+
+
+
+def native_tensors(sample, num_classes, scale=1.0, preprocess="ours"):
+    """A sample's image (3, H, W) and label (H, W) as uint8 tensors, resized by `scale` unless it is 1."""
+    if scale == 1:
+        return (torch.from_numpy(np.ascontiguousarray(enhance(sample.image, preprocess))).permute(2, 0, 1),
+                torch.from_numpy(np.ascontiguousarray(sample.label)).to(torch.uint8))
+    shape = scaled_shape(sample.label.shape, scale)
+    return resize_image(sample.image, shape, preprocess), resize_label(sample.label, shape, num_classes)
 
 
 
@@ -125,13 +164,13 @@ def pad_to_square(images, side):
 
 
 def normalize(images, preprocess="ours"):
-    """uint8 or [0, 1] float RGB batch -> the network's input: ImageNet-normalised ("ours"), or BGR scaled
-    to [-1.6, 1.6] ("authors": x / 255 * 3.2 - 1.6)."""
+    """uint8 or [0, 1] float RGB batch -> the network's input: ImageNet-normalised ("ours", and "clahe",
+    whose equalisation `enhance` did at decoding), or BGR scaled to [-1.6, 1.6] ("authors": x / 255 * 3.2 - 1.6)."""
     if images.dtype == torch.uint8:
         images = images.float() / 255
     if preprocess == "authors":
         return images.flip(1) * 3.2 - 1.6
-    if preprocess != "ours":
+    if preprocess not in ("ours", "clahe"):
         raise UserError(f"unknown preprocessing {preprocess!r}; choose one of: {', '.join(PREPROCESSINGS)}")
     mean = device_constant(IMAGENET_MEAN, images.device, images.dtype)
     std = device_constant(IMAGENET_STD, images.device, images.dtype)

@@ -23,7 +23,7 @@ from errors import UserError
 
 # What a checkpoint's model is and which images it belongs to: taken from the checkpoint. A flag may
 # still change the evaluation size or the fold (with a notice); model and dataset must match.
-MODEL_KEYS = ("MODEL", "DATASET", "IMAGE_SIZE", "PATCH_SIZE", "PREPROCESS", "FOLD", "NUM_FOLDS", "CROP_SIZE")
+MODEL_KEYS = ("MODEL", "DATASET", "IMAGE_SIZE", "PATCH_SIZE", "PATCH_SCALE", "PREPROCESS", "FOLD", "NUM_FOLDS", "CROP_SIZE")
 
 # How the authors' released CE-Net was trained and tested (their main.py and test_cenet.py): whole images
 # resized to 448, their preprocessing.
@@ -124,6 +124,15 @@ def check_protocol(settings, spec):
                         "trained on crops and predicts at native resolution; use --protocol ours")
 
 
+def input_description(settings):
+    if not settings["PATCH_SIZE"]:
+        return f"resized to {settings['IMAGE_SIZE']}x{settings['IMAGE_SIZE']}, probabilities resized back"
+    if settings["PATCH_SCALE"] == 1:
+        return "whole image at native resolution, zero-padded to a multiple of 32"
+    return (f"whole image resized by {settings['PATCH_SCALE']:g}, zero-padded to a multiple of 32, "
+            f"probabilities resized back to native resolution")
+
+
 def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
     """Predict, score and save; returns (summary dict, output folder, seconds after the model is loaded)."""
     model, settings, payload = load_model(checkpoint, settings, given)
@@ -143,7 +152,8 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
     as_authors = settings["PROTOCOL"] == "authors"
     probs = inference.predict_samples(model, samples, device, image_size=settings["IMAGE_SIZE"],
                                       patch_size=settings["PATCH_SIZE"], tta=settings["TTA"], amp=settings["AMP"],
-                                      fmt=fmt, preprocess=settings["PREPROCESS"], restore_size=not as_authors,
+                                      fmt=fmt, preprocess=settings["PREPROCESS"], patch_scale=settings["PATCH_SCALE"],
+                                      restore_size=not as_authors,
                                       progress=True)
     rows, curves = [], {}
     for index, (sample, prob) in enumerate(zip(samples, probs)):
@@ -174,8 +184,7 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
     protocol = {
         "checkpoint": str(checkpoint), "model": settings["MODEL"], "dataset": settings["DATASET"],
         "image_size": None if settings["PATCH_SIZE"] else settings["IMAGE_SIZE"],
-        "input": "whole image at native resolution, zero-padded to a multiple of 32" if settings["PATCH_SIZE"]
-                 else f"resized to {settings['IMAGE_SIZE']}x{settings['IMAGE_SIZE']}, probabilities resized back",
+        "input": input_description(settings),
         "preprocess": settings["PREPROCESS"], "tta": settings["TTA"], "threshold": settings["THRESHOLD"],
         "amp": settings["AMP"] and device.type == "cuda", "device": str(device),
         "machine": devices.machine_name(device),

@@ -3,7 +3,7 @@
 Test-time mirroring belongs here, not to the data code: `predict` sees each image in all 8 dihedral
 variants, maps every prediction back and averages them. `predict_samples` brings a test split to the
 network the way the checkpoint was trained (resized to IMAGE_SIZE, or whole at native resolution for
-PATCH_SIZE training) and returns probabilities at each image's native size, on the host.
+PATCH_SIZE training, resized by PATCH_SCALE) and returns probabilities at each image's native size, on the host.
 """
 import sys
 
@@ -45,7 +45,7 @@ def predict(model, images, device, tta=True, amp=True, fmt=torch.contiguous_form
 
 
 def predict_samples(model, samples, device, *, image_size, patch_size, tta, amp, fmt, preprocess="ours",
-                    restore_size=True, images_per_chunk=4, progress=False):
+                    patch_scale=1.0, restore_size=True, images_per_chunk=4, progress=False):
     """(K, H, W) float probabilities on the CPU, one per sample, at the sample's native resolution (with
     `restore_size` False and resized prediction: at the network's size, image_size x image_size).
 
@@ -59,7 +59,8 @@ def predict_samples(model, samples, device, *, image_size, patch_size, tta, amp,
     for start in range(0, len(samples), images_per_chunk):
         chunk = samples[start:start + images_per_chunk]
         if patch_size:
-            probs = predict_native(model, chunk, device, tta=tta, amp=amp, fmt=fmt, preprocess=preprocess)
+            probs = predict_native(model, chunk, device, tta=tta, amp=amp, fmt=fmt, preprocess=preprocess,
+                                   scale=patch_scale)
         else:
             probs = predict_resized(model, chunk, device, image_size, tta=tta, amp=amp, fmt=fmt,
                                     preprocess=preprocess, restore_size=restore_size)
@@ -79,12 +80,21 @@ def predict_resized(model, samples, device, size, *, tta, amp, fmt, preprocess="
             for sample, prob in zip(samples, probs)]
 
 
-def predict_native(model, samples, device, *, tta, amp, fmt, preprocess="ours"):
-    """Whole images at native resolution, zero-padded at the bottom and right to a square whose side is
-    a multiple of 32 (DRIVE 584 x 565 -> 608 x 608; square, so the transposed TTA views batch with the
-    others); the padding is cut off the probabilities."""
-    images, _ = data.stack_native(samples, 1)
+def predict_native(model, samples, device, *, tta, amp, fmt, preprocess="ours", scale=1.0):
+    """Whole images at native resolution (or resized by `scale`, the PATCH_SCALE the model was trained at),
+    zero-padded at the bottom and right to a square whose side is a multiple of 32 (DRIVE 584 x 565 ->
+    608 x 608; square, so the transposed TTA views batch with the others); the padding is cut off the
+    probabilities, and a rescaled prediction is resized back to the native image (antialiased bilinear)."""
+    images, _ = data.stack_native(samples, 1, scale, preprocess)
     side = data.padded_side(*images.shape[-2:])
     images = data.normalize(data.pad_to_square(images, side).to(device), preprocess)
     probs = predict(model, images, device, tta=tta, amp=amp, fmt=fmt)
-    return [prob[:, :sample.label.shape[0], :sample.label.shape[1]] for sample, prob in zip(samples, probs)]
+    restored = []
+    for sample, prob in zip(samples, probs):
+        rows, cols = data.scaled_shape(sample.label.shape, scale)
+        prob = prob[:, :rows, :cols]
+        if (rows, cols) != sample.label.shape:
+            prob = F.interpolate(prob[None], size=sample.label.shape, mode="bilinear", antialias=True,
+                                 align_corners=False)[0]
+        restored.append(prob)
+    return restored

@@ -11,7 +11,7 @@ RECIPES = {
     "hires": {"IMAGE_SIZE": 576, "EPOCHS": 1000},
     "hires_dice_bce": {"IMAGE_SIZE": 576, "EPOCHS": 1000, "LOSS": "dice_bce"},
     "cpu": {"PATCH_SIZE": 256, "BATCH_SIZE": 4, "AUGMENT": "flips", "OPTIMIZER": "adamw", "LR": 2e-3,
-            "WARMUP_STEPS": 30, "LOSS": "dice_bce", "EPOCHS": 150, "PRETRAINED": "none"},
+            "WARMUP_STEPS": 30, "LOSS": "dice_bce", "EPOCHS": 280, "PRETRAINED": "none", "PREPROCESS": "clahe"},
 }
 
 RECIPE_WHY = {

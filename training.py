@@ -39,7 +39,8 @@ def training_tensors(settings):
               f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}); check that the annotations are the "
               f"right files (a binary label counts every nonzero value as foreground)", file=sys.stderr)
     if settings["PATCH_SIZE"]:
-        return data.stack_native(samples, spec.num_classes)
+        return data.stack_native(samples, spec.num_classes, settings["PATCH_SCALE"],
+                                 settings["PREPROCESS"])
     return data.stack_samples(samples, settings["IMAGE_SIZE"], spec.num_classes, settings["PREPROCESS"])
 
 
@@ -59,7 +60,9 @@ def prepare(settings, rank):
 
 def describe_input(settings, count):
     if settings["PATCH_SIZE"]:
-        return f"{count} images, random {settings['PATCH_SIZE']}px crops at native resolution"
+        scale = settings["PATCH_SCALE"]
+        where = "native resolution" if scale == 1 else f"{scale:g}x native resolution"
+        return f"{count} images, random {settings['PATCH_SIZE']}px crops at {where}"
     return f"{count} images resized to {settings['IMAGE_SIZE']}px"
 
 

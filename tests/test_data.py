@@ -262,6 +262,34 @@ def test_native_stacking_pads_smaller_images_with_background():
     assert data.padded_side(584, 565) == 608 and data.pad_to_square(images, 32).shape == (2, 3, 32, 32)
 
 
+def test_patch_scale_resizes_images_and_labels_before_stacking():
+    """PATCH_SCALE 2: a 6 x 5 sample becomes 12 x 10, its label stays a binary map covering the same
+    region, and the smaller sample is still padded with black background."""
+    label = np.zeros((6, 5), np.uint8)
+    label[2:4, 1:4] = 1
+    big = tasks.Sample("a", np.full((6, 5, 3), 200, np.uint8), label)
+    small = tasks.Sample("b", np.full((4, 3, 3), 100, np.uint8), np.ones((4, 3), np.uint8))
+    images, labels = data.stack_native([big, small], 1, scale=2.0)
+    assert images.shape == (2, 3, 12, 10) and labels.shape == (2, 12, 10)
+    assert set(labels.unique().tolist()) == {0, 1} and int(labels[0].sum()) == 4 * int(label.sum())
+    assert int(images[0].min()) == 200 and int(images[1, :, 8:].max()) == 0 and int(labels[1, :, 6:].max()) == 0
+    assert data.scaled_shape((584, 565), 1.5) == (876, 848)
+
+
+def test_clahe_raises_local_contrast_and_leaves_other_preprocessings_alone():
+    """A faint vertical stripe (contrast 6 grey levels) comes out of CLAHE with a larger contrast; "ours"
+    and "authors" do nothing per image."""
+    image = np.full((64, 64, 3), 120, np.uint8)
+    image[:, 30:34] = 114
+    enhanced = data.enhance(image, "clahe")
+    assert enhanced.dtype == np.uint8 and enhanced.shape == image.shape
+    stripe, around = enhanced[:, 30:34].astype(float).mean(), enhanced[:, :20].astype(float).mean()
+    assert around - stripe > 6
+    assert data.enhance(image, "ours") is image and data.enhance(image, "authors") is image
+    torch.testing.assert_close(data.normalize(torch.from_numpy(image).permute(2, 0, 1)[None], "clahe"),
+                               data.normalize(torch.from_numpy(image).permute(2, 0, 1)[None], "ours"))
+
+
 def test_one_binary_rule_for_every_reader(small_drive, tmp_path):
     """A DRIVE label stored as 0/1 instead of 0/255 is read the same, not as an empty mask."""
     import shutil

@@ -53,6 +53,7 @@ def test_a_recipe_sits_between_constants_and_flags():
     ("THRESHOLD", 1.5, "--threshold 1.5 is out of range: it must be strictly between 0 and 1"),
     ("IMAGE_SIZE", 100, "--image-size 100 is out of range: it must be a positive multiple of 32"),
     ("PATCH_SIZE", 50, "--patch-size 50 is out of range"),
+    ("PATCH_SCALE", 0.0, "--patch-scale 0.0 is out of range: it must be in [0.25, 4]"),
     ("RUN_NAME", "a/b", "must be a plain folder name"),
 ])
 def test_flags_out_of_range_are_one_user_error(flag, value, words):

@@ -43,8 +43,12 @@ def test_training_command_names_what_differs_from_the_recipe():
     import constants
     settings = {name: getattr(constants, name) for name in cli.constant_names()}  # as a checkpoint records them
     settings.update(RECIPE="cpu", PATCH_SIZE=256, BATCH_SIZE=4, AUGMENT="flips", OPTIMIZER="adamw", LR=2e-3,
-                    WARMUP_STEPS=30, LOSS="dice_bce", EPOCHS=19, PRETRAINED="none", MODEL="unet", VISDOM=False)
+                    WARMUP_STEPS=30, LOSS="dice_bce", EPOCHS=19, PRETRAINED="none", PREPROCESS="clahe", MODEL="unet",
+                    VISDOM=False)
     assert comparison.training_command(settings) == "python main.py --recipe cpu --model unet --epochs 19 --visdom false"
+    settings["PREPROCESS"] = "ours"  # a run made before the recipe equalised its images
+    assert comparison.training_command(settings) == \
+        "python main.py --recipe cpu --preprocess ours --model unet --epochs 19 --visdom false"
 
 
 def test_runs_of_one_model_are_told_apart_by_loss_or_steps():
@@ -57,6 +61,12 @@ def test_runs_of_one_model_are_told_apart_by_loss_or_steps():
                       "CE-Net, 750 steps, no TTA"]
     same_but_tta = comparison.distinct_titles([runs[0], runs[-1]])
     assert [run["title"] for run in same_but_tta] == ["CE-Net", "CE-Net, no TTA"]
+    clahe = [{"model": "cenet", "loss": "dice_bce", "steps": 1400, "protocol": {"preprocess": "clahe"}},
+             runs[0], runs[4]]
+    assert [run["title"] for run in comparison.distinct_titles(clahe)] == [
+        "CE-Net, CLAHE, 1400 steps", "CE-Net, 750 steps", "CE-Net, 1500 steps"]
+    same_steps = comparison.distinct_titles([{**clahe[0], "steps": 750}, runs[0]])
+    assert [run["title"] for run in same_steps] == ["CE-Net, CLAHE", "CE-Net"]
     other_lr = [{"model": "cenet", "loss": "bce", "steps": 5, "checkpoint": f"weights/{name}/final.pth"}
                 for name in ("lr_2e-3", "lr_3e-3")]
     assert [run["title"] for run in comparison.distinct_titles(other_lr)] == [
@@ -99,6 +109,21 @@ def test_new_runs_join_a_carried_table_whose_folders_are_gone(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(table))
     json_path, _ = comparison.write("new", "t", [], tmp_path / "new" / "folder", carry=tmp_path / "old.json")
     assert json_path.is_file()
+    # with carry_after a new run leads: it is the reference of every pair and its figures are the table's
+    new_run = tmp_path / "new_run"
+    new_run.mkdir()
+    torch.save({"step": 5, "settings": {"LOSS": "dice_bce"}}, tmp_path / "new.pth")
+    (new_run / "metrics.json").write_text(json.dumps({
+        "summary": {"FOV AUC": {"mean": 0.95, "std": 0.0}}, "seconds": {"total_after_load": 1.0},
+        "per_image": {f"{index:02d}": {"FOV AUC": value} for index, value in enumerate([0.95] * 5, 1)},
+        "protocol": {"checkpoint": str(tmp_path / "new.pth"), "model": "backbone", "tta": True,
+                     "threshold": 0.5, "device": "cpu", "evaluation": "scored as stated"}}))
+    json_path, _ = comparison.write("lead", "t", [new_run], tmp_path, carry=tmp_path / "old.json", carry_after=True)
+    written = json.loads(json_path.read_text())
+    assert [run["model"] for run in written["runs"]] == ["backbone", "cenet", "unet"]
+    assert [(pair["first"], pair["other"]) for pair in written["paired"]] == [("backbone", "cenet"),
+                                                                            ("backbone", "unet")]
+    assert written["paired"][0]["metrics"]["FOV AUC"]["mean_difference"] == pytest.approx(0.95 - 0.94)
     with pytest.raises(UserError, match="--carry takes"):
         comparison.write("new", "t", [], tmp_path, carry=tmp_path / "missing.json")
     (tmp_path / "broken.json").write_text("{ not json")

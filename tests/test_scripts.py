@@ -237,3 +237,21 @@ def test_crop_training_round_trip_predicts_whole_native_images(small_drive, tmp_
     assert protocol["input"].startswith("whole image at native resolution")
     from PIL import Image
     assert Image.open(out / "01_prob.png").size == (565, 584)
+
+
+def test_rescaled_clahe_training_round_trip(small_drive, tmp_path):
+    """PATCH_SCALE and PREPROCESS clahe are part of what a model is: test.py takes both from the
+    checkpoint, predicts the image resized by 1.5 and writes probabilities at native size."""
+    result = run_script("main.py", "--data-root", small_drive, "--weights-dir", tmp_path, "--run-name", "scaled",
+                        *TINY, "--patch-size", "64", "--patch-scale", "1.5", "--preprocess", "clahe",
+                        "--model", "backbone")
+    assert result.returncode == 0, result.stderr
+    assert "random 64px crops at 1.5x native resolution" in result.stderr
+    out = tmp_path / "results"
+    result = run_script("test.py", "--checkpoint", tmp_path / "scaled" / "final.pth", "--data-root", small_drive,
+                        "--out", out, "--tta", "false")
+    assert result.returncode == 0, result.stderr
+    protocol = json.loads((out / "metrics.json").read_text())["protocol"]
+    assert protocol["preprocess"] == "clahe" and protocol["input"].startswith("whole image resized by 1.5,")
+    from PIL import Image
+    assert Image.open(out / "01_prob.png").size == (565, 584)

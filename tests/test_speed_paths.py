@@ -78,6 +78,34 @@ def test_tta_of_a_flip_equivariant_model_is_its_plain_prediction():
     assert (with_tta - inference.predict(model, images, device, tta=False)).abs().max() > 1e-3
 
 
+def test_a_rescaled_prediction_comes_back_at_native_size_and_in_place():
+    """PATCH_SCALE 1.5: a pointwise model (1x1 convolution, so its prediction is its input's, resampled)
+    predicts a smooth 30 x 24 image at 45 x 36 and hands back 30 x 24 probabilities equal, up to
+    resampling, to those of the native prediction; a non-square, odd-sized second image comes back at its
+    own size."""
+    import tasks
+    rows, cols = torch.meshgrid(torch.arange(30.0), torch.arange(24.0), indexing="ij")
+    ramp = (60 + 3 * rows + 2 * cols).round().to(torch.uint8).numpy()
+    image = ramp[..., None].repeat(3, -1)
+    samples = [tasks.Sample("a", image, (ramp > 120).astype("uint8")),
+               tasks.Sample("b", image[:25, :21], (ramp[:25, :21] > 120).astype("uint8"))]
+    model = torch.nn.Conv2d(3, 1, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.zero_()
+    model.num_classes = 1
+    options = dict(tta=True, amp=False, fmt=torch.contiguous_format)
+    seen = []
+    model.register_forward_hook(lambda module, inputs, output: seen.append(tuple(inputs[0].shape[-2:])))
+    native = inference.predict_native(model, samples, torch.device("cpu"), **options)
+    scaled = inference.predict_native(model, samples, torch.device("cpu"), scale=1.5, **options)
+    assert seen == [(32, 32), (64, 64)]  # native: padded to 32; 45 x 36: padded to 64
+    assert [tuple(prob.shape) for prob in scaled] == [(1, 30, 24), (1, 25, 21)]
+    inside = (slice(None), slice(2, -2), slice(2, -2))  # the border resamples against the zero padding
+    torch.testing.assert_close(scaled[0][inside], native[0][inside], rtol=0, atol=0.02)
+    torch.testing.assert_close(scaled[1][inside], native[1][inside], rtol=0, atol=0.02)
+
+
 @torch.no_grad()
 def test_bf16_autocast_forward_is_close_to_fp32():
     model, images = cenet(), torch.randn(2, 3, 32, 32)
