@@ -40,6 +40,7 @@ def load_run(eval_dir):
     return {
         "eval_dir": str(eval_dir), "checkpoint": checkpoint, "model": model,
         "title": networks.MODEL_TITLES.get(model, model), "loss": settings.get("LOSS"),
+        "patch_scale": settings.get("PATCH_SCALE", 1.0),
         "summary": evaluated["summary"], "per_image": evaluated["per_image"], "protocol": evaluated["protocol"],
         "steps": payload.get("step"), "train_seconds": payload.get("train_seconds"),
         "eval_seconds": evaluated["seconds"]["total_after_load"], "pretrained": payload.get("pretrained"),
@@ -75,8 +76,8 @@ def carried_runs(table_path):
 
 def distinct_titles(runs):
     """Each run titled by its model; where several runs share a model, the title adds what tells them
-    apart: the loss ('FullNet, varCE'), the preprocessing ('CE-Net, CLAHE'), the number of steps
-    ('CE-Net, 1500 steps'), 'no TTA'."""
+    apart: the loss ('FullNet, varCE'), the preprocessing ('CE-Net, CLAHE'), the scale of crops and
+    prediction ('CE-Net, 1.5x scale'), the number of steps ('CE-Net, 1500 steps'), 'no TTA'."""
     for run in runs:
         run["title"] = networks.MODEL_TITLES.get(run["model"], run["model"])
     groups = {}
@@ -86,7 +87,7 @@ def distinct_titles(runs):
         if len(group) == 1:
             continue
         differ = {name: len({value(run) for run in group}) > 1 for name, value in (
-            ("loss", lambda run: run.get("loss")), ("preprocess", preprocess_of),
+            ("loss", lambda run: run.get("loss")), ("preprocess", preprocess_of), ("scale", scale_of),
             ("steps", lambda run: run.get("steps")), ("tta", lambda run: run.get("protocol", {}).get("tta", True)))}
         for run in group:
             parts = [run["title"]]
@@ -94,7 +95,9 @@ def distinct_titles(runs):
                 parts.append(LOSS_TITLES.get(run.get("loss"), str(run.get("loss"))))
             if differ["preprocess"] and preprocess_of(run) != "ours":
                 parts.append(PREPROCESS_TITLES.get(preprocess_of(run), preprocess_of(run)))
-            if differ["steps"] or not (differ["loss"] or differ["preprocess"] or differ["tta"]):
+            if differ["scale"] and scale_of(run) != 1:
+                parts.append(f"{scale_of(run):g}x scale")
+            if differ["steps"] or not (differ["loss"] or differ["preprocess"] or differ["scale"] or differ["tta"]):
                 parts.append(f"{run.get('steps')} steps")
             if differ["tta"] and not run.get("protocol", {}).get("tta", True):
                 parts.append("no TTA")
@@ -108,6 +111,10 @@ def distinct_titles(runs):
 
 def preprocess_of(run):
     return run.get("protocol", {}).get("preprocess", "ours")
+
+
+def scale_of(run):
+    return run.get("patch_scale", 1.0)
 
 
 def scored_alike(run):

@@ -39,5 +39,8 @@ RECIPE_WHY = {
            "Batch 4 gives twice the updates of batch 8 for the same pixels, and the 8 flips alone (exact copies "
            "of a labelled image) are the augmentation a short, under-fitted run learns from fastest: against "
            "batch 8 with the paper's augmentation for the same time, FOV AUC rose from 0.959 to 0.970. "
-           "150 epochs = 750 steps of batch 4.",
+           "CLAHE of each colour channel (not in the paper) hands the network the capillaries' local contrast "
+           "it would otherwise spend its few steps learning: in 400-step runs it raised FOV AUC from 0.960 to "
+           "0.969 and F1 from 0.764 to 0.787, where predicting at 1.5x (--patch-scale 1.5) lowered them. "
+           "280 epochs = 1400 steps of batch 4, about 40 minutes at 1.6-1.7 s a step.",
 }

@@ -47,6 +47,9 @@ def training_tensors(settings):
 def prepare(settings, rank):
     """Everything before the first step: validation, data in memory, model with its encoder weights."""
     data.check_image_size(settings["PATCH_SIZE"] or settings["IMAGE_SIZE"])
+    if settings["PATCH_SCALE"] != 1 and not settings["PATCH_SIZE"]:
+        raise UserError(f"--patch-scale {settings['PATCH_SCALE']:g} applies to crop training only; add "
+                        f"--patch-size N (e.g. 256), or set the size of whole resized images with --image-size")
     spec = tasks.dataset(settings["DATASET"])
     if settings["MODEL"] not in networks.MODELS:
         networks.build_model(settings["MODEL"])  # raises the UserError listing valid names

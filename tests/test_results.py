@@ -3,6 +3,7 @@ checkpoint reproducing the committed numbers through test.py on the 20 DRIVE tes
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ import networks
 from conftest import REPO, run_script
 from errors import UserError
 
-RELEASED = REPO / "weights" / "released" / "cenet_drive_cpu.pth"
+RELEASED = REPO / "weights" / "released" / "cenet_drive_cpu_clahe.pth"
+EARLIER_RELEASE = REPO / "weights" / "released" / "cenet_drive_cpu.pth"  # kept: its rows stay reproducible
 COMMITTED = REPO / "results" / "drive_cpu.json"
 
 
@@ -65,8 +67,8 @@ def test_runs_of_one_model_are_told_apart_by_loss_or_steps():
              runs[0], runs[4]]
     assert [run["title"] for run in comparison.distinct_titles(clahe)] == [
         "CE-Net, CLAHE, 1400 steps", "CE-Net, 750 steps", "CE-Net, 1500 steps"]
-    same_steps = comparison.distinct_titles([{**clahe[0], "steps": 750}, runs[0]])
-    assert [run["title"] for run in same_steps] == ["CE-Net, CLAHE", "CE-Net"]
+    same_steps = comparison.distinct_titles([{**clahe[0], "steps": 750}, runs[0], {**runs[0], "patch_scale": 1.5}])
+    assert [run["title"] for run in same_steps] == ["CE-Net, CLAHE", "CE-Net", "CE-Net, 1.5x scale"]
     other_lr = [{"model": "cenet", "loss": "bce", "steps": 5, "checkpoint": f"weights/{name}/final.pth"}
                 for name in ("lr_2e-3", "lr_3e-3")]
     assert [run["title"] for run in comparison.distinct_titles(other_lr)] == [
@@ -170,26 +172,30 @@ def test_release_copy_is_float16_and_evaluates_like_the_original(tmp_path):
         framework.release_checkpoint(source, target)
 
 
-def test_readme_states_the_released_checkpoints_sha256():
-    if not RELEASED.is_file():
+@pytest.mark.parametrize("released", [RELEASED, EARLIER_RELEASE], ids=["released", "earlier"])
+def test_readme_states_the_released_checkpoints_sha256(released):
+    if not released.is_file():
         pytest.skip("no released checkpoint in this checkout")
-    digest = hashlib.sha256(RELEASED.read_bytes()).hexdigest()
+    digest = hashlib.sha256(released.read_bytes()).hexdigest()
     assert digest in (REPO / "README.md").read_text()
-    assert RELEASED.stat().st_size < 64 * 2**20
+    assert released.stat().st_size < 64 * 2**20
 
 
-def test_released_checkpoint_reproduces_the_committed_numbers(drive_root, tmp_path):
+# The released model with test.py's defaults (8-way TTA), and the earlier release without TTA (a quick check
+# that its committed rows still come out of it).
+@pytest.mark.parametrize("released, tta", [(RELEASED, True), (EARLIER_RELEASE, False)], ids=["released", "earlier"])
+def test_released_checkpoint_reproduces_the_committed_numbers(released, tta, drive_root, tmp_path):
     """From now on, a change to preprocessing, test-time augmentation or a metric fails here."""
     committed = json.loads(COMMITTED.read_text())
-    cenet = next(run for run in committed["runs"]  # the row test.py's defaults give (with TTA)
-                 if run["checkpoint"].endswith(RELEASED.name) and run["protocol"]["tta"])
+    row = next(run for run in committed["runs"]
+               if Path(run["checkpoint"]).name == released.name and run["protocol"]["tta"] == tta)
     out = tmp_path / "released"
-    result = run_script("test.py", "--checkpoint", RELEASED, "--data-root", drive_root, "--out", out,
-                        "--device", "cpu")
+    result = run_script("test.py", "--checkpoint", released, "--data-root", drive_root, "--out", out,
+                        "--device", "cpu", "--tta", str(tta).lower())
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "metrics.json").read_text())["summary"]
-    assert set(summary) == set(cenet["summary"])
-    for key, expected in cenet["summary"].items():
+    assert set(summary) == set(row["summary"])
+    for key, expected in row["summary"].items():
         assert summary[key]["mean"] == pytest.approx(expected["mean"], abs=1e-3), key
         assert summary[key]["std"] == pytest.approx(expected["std"], abs=1e-3), key
     assert re.search(r"FOV AUC\s+0\.\d{4} ± 0\.\d{4}", result.stdout)

@@ -151,6 +151,11 @@ def test_bad_image_size(small_drive):
     assert_one_line_error(result, "multiple of 32")
 
 
+def test_patch_scale_without_crops(small_drive):
+    result = run_script("main.py", "--data-root", small_drive, *TINY, "--patch-scale", "1.5")
+    assert_one_line_error(result, "--patch-scale 1.5 applies to crop training only")
+
+
 def test_forced_cuda_without_gpu(small_drive):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
