@@ -71,8 +71,8 @@ def check_image_size(size):
 
 def resize_image(image, size, preprocess="ours"):
     """(H, W, 3) uint8 array -> (3, size, size) uint8 tensor (size may also be a (height, width) pair),
-    bilinear: antialiased for "ours"; plain, with half-pixel centres, as OpenCV's cv2.resize does, for
-    "authors"."""
+    after the preprocessing's per-image step (`enhance`); bilinear: antialiased for "ours" and "clahe"; plain,
+    with half-pixel centres, as OpenCV's cv2.resize does, for "authors"."""
     tensor = torch.from_numpy(np.ascontiguousarray(enhance(image, preprocess))).permute(2, 0, 1)[None].float()
     resized = F.interpolate(tensor, size=as_pair(size), mode="bilinear", antialias=preprocess != "authors",
                             align_corners=False)
@@ -165,7 +165,8 @@ def pad_to_square(images, side):
 
 def normalize(images, preprocess="ours"):
     """uint8 or [0, 1] float RGB batch -> the network's input: ImageNet-normalised ("ours", and "clahe",
-    whose equalisation `enhance` did at decoding), or BGR scaled to [-1.6, 1.6] ("authors": x / 255 * 3.2 - 1.6)."""
+    whose equalisation `enhance` did at decoding), or BGR scaled to [-1.6, 1.6] ("authors": x / 255 * 3.2
+    - 1.6)."""
     if images.dtype == torch.uint8:
         images = images.float() / 255
     if preprocess == "authors":

@@ -23,7 +23,8 @@ from errors import UserError
 
 # What a checkpoint's model is and which images it belongs to: taken from the checkpoint. A flag may
 # still change the evaluation size or the fold (with a notice); model and dataset must match.
-MODEL_KEYS = ("MODEL", "DATASET", "IMAGE_SIZE", "PATCH_SIZE", "PATCH_SCALE", "PREPROCESS", "FOLD", "NUM_FOLDS", "CROP_SIZE")
+MODEL_KEYS = ("MODEL", "DATASET", "IMAGE_SIZE", "PATCH_SIZE", "PATCH_SCALE", "PREPROCESS", "FOLD", "NUM_FOLDS",
+              "CROP_SIZE")
 
 # How the authors' released CE-Net was trained and tested (their main.py and test_cenet.py): whole images
 # resized to 448, their preprocessing.
@@ -152,9 +153,8 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
     as_authors = settings["PROTOCOL"] == "authors"
     probs = inference.predict_samples(model, samples, device, image_size=settings["IMAGE_SIZE"],
                                       patch_size=settings["PATCH_SIZE"], tta=settings["TTA"], amp=settings["AMP"],
-                                      fmt=fmt, preprocess=settings["PREPROCESS"], patch_scale=settings["PATCH_SCALE"],
-                                      restore_size=not as_authors,
-                                      progress=True)
+                                      fmt=fmt, preprocess=settings["PREPROCESS"],
+                                      patch_scale=settings["PATCH_SCALE"], restore_size=not as_authors, progress=True)
     rows, curves = [], {}
     for index, (sample, prob) in enumerate(zip(samples, probs)):
         if as_authors:
