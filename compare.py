@@ -6,8 +6,9 @@
     python compare.py results/fullnet_drive_cpu --carry results/drive_cpu.json --name drive_cpu
     python compare.py results/new_cenet --carry results/drive_cpu.json --carry-after --name drive_cpu
 
-Each argument is a folder test.py wrote; --carry puts the runs of a table written before first (their
-per-image numbers are in it, so their checkpoints and folders need not be on this disk). Writes
+Each argument is a folder test.py wrote; --carry puts the runs of a table written before first, or after
+the new ones with --carry-after (their per-image numbers are in it, so their checkpoints and folders need
+not be on this disk). Writes
 <out>/<name>.json and <out>/<name>.md (mean ± std per model, the paired differences with Wilcoxon
 signed-rank p-values, wall times, commands, machine) and copies the first run's ROC plot, one overlay
 and its training curve to <out>/figures/.

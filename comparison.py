@@ -88,7 +88,7 @@ def distinct_titles(runs):
             continue
         differ = {name: len({value(run) for run in group}) > 1 for name, value in (
             ("loss", lambda run: run.get("loss")), ("preprocess", preprocess_of), ("scale", scale_of),
-            ("steps", lambda run: run.get("steps")), ("tta", lambda run: run.get("protocol", {}).get("tta", True)))}
+            ("steps", lambda run: run.get("steps")), ("tta", tta_of))}
         for run in group:
             parts = [run["title"]]
             if differ["loss"]:
@@ -99,7 +99,7 @@ def distinct_titles(runs):
                 parts.append(f"{scale_of(run):g}x scale")
             if differ["steps"] or not (differ["loss"] or differ["preprocess"] or differ["scale"] or differ["tta"]):
                 parts.append(f"{run.get('steps')} steps")
-            if differ["tta"] and not run.get("protocol", {}).get("tta", True):
+            if differ["tta"] and not tta_of(run):
                 parts.append("no TTA")
             run["title"] = ", ".join(parts)
         titles = [run["title"] for run in group]
@@ -115,6 +115,10 @@ def preprocess_of(run):
 
 def scale_of(run):
     return run.get("patch_scale", 1.0)
+
+
+def tta_of(run):
+    return run.get("protocol", {}).get("tta", True)
 
 
 def scored_alike(run):

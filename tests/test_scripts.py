@@ -225,38 +225,27 @@ def test_all_black_predictions_are_reported(trained, small_drive):
     assert json.loads((out / "metrics.json").read_text())["protocol"]["empty_predictions"] == ["01", "02"]
 
 
-def test_crop_training_round_trip_predicts_whole_native_images(small_drive, tmp_path):
-    """PATCH_SIZE: train on random crops of the native images, then test.py predicts each whole image at
-    native resolution (padded to a multiple of 32 and cut back) without being told anything."""
+@pytest.mark.parametrize("flags, where, preprocess, input_start", [
+    (("--optimizer", "adamw", "--warmup-steps", "1", "--loss", "dice_bce"), "native resolution", "ours",
+     "whole image at native resolution"),
+    (("--patch-scale", "1.5", "--preprocess", "clahe"), "1.5x native resolution", "clahe",
+     "whole image resized by 1.5,"),
+], ids=["native", "rescaled_clahe"])
+def test_crop_training_round_trip_predicts_whole_images_at_native_size(flags, where, preprocess, input_start,
+                                                                        small_drive, tmp_path):
+    """PATCH_SIZE: train on random crops, then test.py predicts each whole image (padded to a multiple of 32
+    and cut back) without being told anything: PATCH_SCALE and the preprocessing (CLAHE) come from the
+    checkpoint, and the probabilities come back at native size."""
     result = run_script("main.py", "--data-root", small_drive, "--weights-dir", tmp_path, "--run-name", "crops",
-                        *TINY, "--patch-size", "64", "--optimizer", "adamw", "--warmup-steps", "1",
-                        "--loss", "dice_bce", "--model", "backbone")
+                        *TINY, "--patch-size", "64", "--model", "backbone", *flags)
     assert result.returncode == 0, result.stderr
-    assert "random 64px crops at native resolution" in result.stderr
+    assert f"random 64px crops at {where}" in result.stderr
     out = tmp_path / "results"
     result = run_script("test.py", "--checkpoint", tmp_path / "crops" / "final.pth", "--data-root", small_drive,
                         "--out", out, "--tta", "false")
     assert result.returncode == 0, result.stderr
     protocol = json.loads((out / "metrics.json").read_text())["protocol"]
     assert protocol["model"] == "backbone" and protocol["image_size"] is None
-    assert protocol["input"].startswith("whole image at native resolution")
-    from PIL import Image
-    assert Image.open(out / "01_prob.png").size == (565, 584)
-
-
-def test_rescaled_clahe_training_round_trip(small_drive, tmp_path):
-    """PATCH_SCALE and PREPROCESS clahe are part of what a model is: test.py takes both from the
-    checkpoint, predicts the image resized by 1.5 and writes probabilities at native size."""
-    result = run_script("main.py", "--data-root", small_drive, "--weights-dir", tmp_path, "--run-name", "scaled",
-                        *TINY, "--patch-size", "64", "--patch-scale", "1.5", "--preprocess", "clahe",
-                        "--model", "backbone")
-    assert result.returncode == 0, result.stderr
-    assert "random 64px crops at 1.5x native resolution" in result.stderr
-    out = tmp_path / "results"
-    result = run_script("test.py", "--checkpoint", tmp_path / "scaled" / "final.pth", "--data-root", small_drive,
-                        "--out", out, "--tta", "false")
-    assert result.returncode == 0, result.stderr
-    protocol = json.loads((out / "metrics.json").read_text())["protocol"]
-    assert protocol["preprocess"] == "clahe" and protocol["input"].startswith("whole image resized by 1.5,")
+    assert protocol["preprocess"] == preprocess and protocol["input"].startswith(input_start)
     from PIL import Image
     assert Image.open(out / "01_prob.png").size == (565, 584)
