@@ -2,7 +2,9 @@
 
     python benchmark.py                                  # constants.py as it is (448 px, batch 8, bf16 on CUDA)
     python benchmark.py --batch-size 32 --compile true
-    python benchmark.py --compare                        # fp32 batch 8 -> bf16 + channels_last batch 32 -> + compile
+    python benchmark.py --compare                        # GPU: fp32 batch 8 -> bf16 + channels_last batch 32 -> + compile
+    python benchmark.py --device cpu --recipe cpu --compare --no-eval   # CPU: fp32 NCHW, fp32 channels_last,
+                                                         # bf16 channels_last (native bf16 only), + compile
     python benchmark.py --device cpu --image-size 64 --batch-size 2 --steps 3 --warmup 1
     torchrun --nproc_per_node=4 benchmark.py --batch-size 128   # data parallel; --batch-size is the global batch
 
@@ -16,7 +18,11 @@ What is measured, all through the code main.py and test.py run:
   "+ compile" row speeds up training only);
 - evaluate: evaluation.evaluate on the whole test split (TTA when TTA is on, metrics, every PNG, ROC plot,
   metrics.json) into a temporary folder, timed after the model is loaded, as test.py reports it;
-- a projection of a full main.py run with these settings (start-up + warm-up + remaining steps).
+- a projection of a full main.py run with these settings (start-up + warm-up + remaining steps);
+- with --compare, the machine's own matrix-multiply peak in each precision (a large torch.mm, timed in the
+  same run) and the GFLOP/s the model reaches against it, from FLOPs that torch.utils.flop_counter counts in
+  one training step and one inference batch (convolutions and matrix products; the elementwise rest is free
+  to that count, so a fraction well under 100 % is time spent outside the multiply-adds).
 The weights are those of the trained steps; speed does not depend on their values, so the encoder starts
 from random weights unless --pretrained is given (no download needed).
 """
@@ -39,13 +45,23 @@ import tasks
 import training
 from errors import UserError
 
-# --compare: the quoted before/after steps. On the CPU, bf16 autocast and channels_last do not apply
-# (devices.autocast / memory_format), so rows that reduce to an earlier one are left out.
-COMPARE_ROWS = [
-    ("before: the paper's fp32, batch {small}", {"AMP": False, "CHANNELS_LAST": False, "COMPILE": False}, "small"),
+# --compare: (label, overrides, batch, training layout forced or None). Rows that reduce on this device to an
+# earlier one (bf16 on a CPU without native bf16, a compile under torchrun on GPUs) are left out.
+GPU_COMPARE_ROWS = [
+    ("before: the paper's fp32, batch {small}", {"AMP": False, "CHANNELS_LAST": False, "COMPILE": False}, "small",
+     None),
     ("after: batch {large}, bf16 + channels_last on CUDA", {"AMP": True, "CHANNELS_LAST": True, "COMPILE": False},
-     "large"),
-    ("after, + torch.compile", {"AMP": True, "CHANNELS_LAST": True, "COMPILE": True}, "large"),
+     "large", None),
+    ("after, + torch.compile", {"AMP": True, "CHANNELS_LAST": True, "COMPILE": True}, "large", None),
+]
+# On the CPU the batch is the run's own (a 2-core machine has no larger batch to spare); fp32 channels_last
+# is forced for training, which main.py runs in NCHW (devices.memory_format).
+CPU_COMPARE_ROWS = [
+    ("fp32, NCHW (--amp false)", {"AMP": False, "CHANNELS_LAST": False, "COMPILE": False}, None, None),
+    ("fp32, channels_last", {"AMP": False, "CHANNELS_LAST": True, "COMPILE": False}, None, torch.channels_last),
+    ("AMP: bf16 autocast + channels_last where native", {"AMP": True, "CHANNELS_LAST": True, "COMPILE": False},
+     None, None),
+    ("AMP, + torch.compile", {"AMP": True, "CHANNELS_LAST": True, "COMPILE": True}, None, None),
 ]
 
 
@@ -79,20 +95,23 @@ def parse_args(argv=None):
     return args, settings
 
 
-def describe(settings, device, world_size):
+def describe(settings, device, world_size, layout=None):
     """What actually runs, after the device has dropped the options it does not use (bf16 / fp16 by GPU,
-    channels_last on CUDA only, no compile under torchrun on GPUs: see framework.compile_useful)."""
+    bf16 on CPUs that compute it natively, the training layout of devices.memory_format unless `layout`
+    forces one, no compile under torchrun on GPUs: see framework.compile_useful)."""
     cuda = device.type == "cuda"
     dtype = devices.amp_dtype(device, settings["AMP"])
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 + loss scaling"}[dtype]
-    layout = "channels_last" if settings["CHANNELS_LAST"] and cuda else "NCHW"
+    layout = layout or devices.memory_format(device, settings["CHANNELS_LAST"], settings["AMP"])
+    layout = "channels_last" if layout == torch.channels_last else "NCHW"
     compiled = "compiled" if settings["COMPILE"] and not (cuda and world_size > 1) else "eager"
     processes = f" x{world_size} processes" if world_size > 1 else ""
     return f"{precision}, {layout}, {compiled}, batch {settings['BATCH_SIZE']}{processes}"
 
 
-def measure(settings, args, device, rank, world_size, workdir):
-    """Figures for one configuration: a dict of name -> number (or None where not applicable)."""
+def measure(settings, args, device, rank, world_size, workdir, layout=None, peaks=None):
+    """Figures for one configuration: a dict of name -> number (or None where not applicable). With `peaks`
+    (precision -> GFLOP/s of a large matrix product), also the model's achieved GFLOP/s and their share."""
     clock = devices.timed(device)
     model, images, labels, _ = training.prepare(settings, rank)
     full_run_steps = data.steps_for(len(images), settings["BATCH_SIZE"], settings["EPOCHS"])
@@ -101,7 +120,7 @@ def measure(settings, args, device, rank, world_size, workdir):
     needed_epochs = math.ceil((args.warmup + args.steps + 1) / steps_per_epoch)
     config = framework.TrainConfig.from_settings(settings, epochs=max(settings["EPOCHS"], needed_epochs),
                                                  sgd_kernel=args.sgd_kernel or "")
-    trainer = framework.Trainer(model, images, labels, config, device, rank, world_size)
+    trainer = framework.Trainer(model, images, labels, config, device, rank, world_size, layout=layout)
     startup = devices.timed(device) - clock
 
     cuda = device.type == "cuda"
@@ -137,6 +156,8 @@ def measure(settings, args, device, rank, world_size, workdir):
         infer()
     infer_seconds = devices.timed(device) - clock
 
+    infer_batch_seconds = infer_seconds / args.steps
+
     figures = {
         "train throughput (img/s)": settings["BATCH_SIZE"] * args.steps / train_seconds,
         "train step (ms)": 1000 * step_seconds,
@@ -147,6 +168,9 @@ def measure(settings, args, device, rank, world_size, workdir):
         f"projected main.py run, {full_run_steps} steps (s)":
             startup + warmup_seconds + max(0, full_run_steps - args.warmup) * step_seconds,
     }
+    if peaks is not None:
+        figures.update(flop_figures(trainer, batch, device, settings, fmt, step_seconds, infer_batch_seconds,
+                                    peaks))
     if not args.no_eval and rank == 0:
         checkpoint = framework.save_checkpoint(workdir / "benchmark.pth", trainer.model, settings,
                                                step=trainer.step_count)
@@ -167,15 +191,79 @@ def measure(settings, args, device, rank, world_size, workdir):
 
 
 def compare_configurations(settings, batches, device, world_size):
-    """(label, settings) for each COMPARE_ROWS entry that differs, on this device, from the rows before it."""
+    """(label, settings, forced layout) for each compare row that differs, on this device, from the rows
+    before it."""
+    rows = GPU_COMPARE_ROWS if device.type == "cuda" else CPU_COMPARE_ROWS
     configurations, seen = [], set()
-    for label, overrides, batch in COMPARE_ROWS:
-        row = {**settings, **overrides, "BATCH_SIZE": batches[batch]}
-        effective = describe(row, device, world_size)
+    for label, overrides, batch, layout in rows:
+        row = {**settings, **overrides}
+        if batch is not None:
+            row["BATCH_SIZE"] = batches[batch]
+        effective = describe(row, device, world_size, layout)
         if effective not in seen:
             seen.add(effective)
-            configurations.append((label.format(**batches), row))
+            configurations.append((label.format(**batches), row, layout))
     return configurations
+
+
+# --- the machine's own peak, and the share of it the model reaches ---------------------------------------
+
+PEAK_SIDE = {"cpu": 4096, "cuda": 8192}  # square matrices: large enough for the library's best kernel
+                                         # (on a 2-core AMD EPYC, fp32 2048 reached half of what 4096 did)
+
+
+def precision_key(settings, device):
+    dtype = devices.amp_dtype(device, settings["AMP"])
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def matmul_peak(device, precision, repeats=5):
+    """GFLOP/s of torch.mm on two square matrices in `precision` (fp32 / bf16 / fp16): the best of `repeats`
+    after two untimed products. On the CPU it uses every thread torch has, as training does."""
+    side = PEAK_SIDE.get(device.type, 2048)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(side, side, generator=generator).to(device, dtype) for _ in range(2))
+    for _ in range(2):
+        torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        clock = devices.timed(device)
+        torch.mm(a, b)
+        best = min(best, devices.timed(device) - clock)
+    return 2 * side ** 3 / best / 1e9
+
+
+def counted_flops(function):
+    """Floating-point operations torch.utils.flop_counter counts while `function` runs (matrix products and
+    convolutions, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        function()
+    return counter.get_total_flops()
+
+
+def flop_figures(trainer, batch, device, settings, fmt, step_seconds, infer_batch_seconds, peaks):
+    """Achieved GFLOP/s of the timed training step and inference batch, and their share of the matmul peak
+    in the same precision. Counted after the clock stopped, on one more step's worth of work."""
+    images, labels = trainer.batch()
+    trainer.model.train()
+    train_flops = counted_flops(lambda: trainer.forward_backward(trainer.eager_forward, images, labels))
+    infer_flops = counted_flops(lambda: inference.predict(trainer.model, batch, device, tta=False,
+                                                          amp=settings["AMP"], fmt=fmt,
+                                                          images_per_batch=len(batch)))
+    precision = precision_key(settings, device)
+    peak = peaks[precision]
+    train_rate, infer_rate = train_flops / step_seconds / 1e9, infer_flops / infer_batch_seconds / 1e9
+    return {
+        "counted GFLOP per training step": train_flops / 1e9,
+        "training, achieved GFLOP/s": train_rate,
+        f"training, share of the {precision} matmul peak (%)": 100 * train_rate / peak,
+        "counted GFLOP per inference batch": infer_flops / 1e9,
+        "inference, achieved GFLOP/s": infer_rate,
+        f"inference, share of the {precision} matmul peak (%)": 100 * infer_rate / peak,
+    }
 
 
 def number(value):
@@ -189,22 +277,34 @@ def print_figures(title, figures):
     print(report.markdown_table(["figure", "value"], [[name, number(value)] for name, value in figures.items()]))
 
 
-def print_comparison(rows):
-    """Before/after table: one row per configuration, speed-ups against the first."""
-    first = rows[0][2]["train throughput (img/s)"]
-    evaluate_key = next((key for key in rows[0][2] if key.startswith("evaluate ") and "after model load" in key),
-                        None)
-    print("\n| configuration | runs as | train img/s | speed-up | peak GPU memory (GiB) | inference img/s (eager) |"
+def share_of_peak(figures, part):
+    key = next((key for key in figures if key.startswith(f"{part}, share of the")), None)
+    return f"{figures[key]:.0f} % of {key.split('the ')[1].split(' matmul')[0]}" if key else "n/a"
+
+
+def print_comparison(rows, peaks):
+    """Before/after table: one row per configuration, speed-ups against the first, and each row's share of
+    the matrix-multiply peak measured in its precision."""
+    first = rows[0][2]
+    evaluate_key = next((key for key in first if key.startswith("evaluate ") and "after model load" in key), None)
+    print("\n| configuration | runs as | train step (ms) | train img/s | speed-up | train GFLOP/s (share of peak) "
+          "| peak GPU memory (GiB) | inference img/s (eager) | speed-up | inference GFLOP/s (share of peak) |"
           + (" evaluate (s) |" if evaluate_key else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if evaluate_key else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if evaluate_key else ""))
     for label, effective, figures in rows:
         throughput = figures["train throughput (img/s)"]
-        cells = [label, effective, number(throughput), f"{throughput / first:.2f}x",
-                 number(figures["peak GPU memory, training (GiB)"]),
-                 number(figures["inference throughput, eager, no TTA (img/s)"])]
+        inference_rate = figures["inference throughput, eager, no TTA (img/s)"]
+        cells = [label, effective, number(figures["train step (ms)"]), number(throughput),
+                 f"{throughput / first['train throughput (img/s)']:.2f}x",
+                 f"{number(figures['training, achieved GFLOP/s'])} ({share_of_peak(figures, 'training')})",
+                 number(figures["peak GPU memory, training (GiB)"]), number(inference_rate),
+                 f"{inference_rate / first['inference throughput, eager, no TTA (img/s)']:.2f}x",
+                 f"{number(figures['inference, achieved GFLOP/s'])} ({share_of_peak(figures, 'inference')})"]
         if evaluate_key:
             cells.append(number(figures.get(evaluate_key)))
         print("| " + " | ".join(cells) + " |")
+    print("\nmatrix-multiply peak of this machine, torch.mm of two square matrices: "
+          + ", ".join(f"{precision} {number(value)} GFLOP/s" for precision, value in peaks.items()))
 
 
 def run(args, settings):
@@ -212,7 +312,7 @@ def run(args, settings):
     rank, world_size = devices.distributed_context(device)
     settings["DEVICE"] = str(device)  # evaluate() picks the same device, without a second notice
     devices.configure_speed(device, settings["DETERMINISTIC"])
-    cpu = f"CPU, {torch.get_num_threads()} thread(s)"
+    cpu = (f"CPU {devices.cpu_model()} ({devices.cpu_capability()[0]}), {torch.get_num_threads()} thread(s)")
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     config = framework.TrainConfig.from_settings(settings, sgd_kernel=args.sgd_kernel or "")
     optimizer = f"SGD {framework.sgd_kernel(config, device)}" if config.optimizer == "sgd" else config.optimizer
@@ -221,26 +321,30 @@ def run(args, settings):
               f"{optimizer}, {args.steps} timed steps after {args.warmup} warm-up")
 
     configurations = compare_configurations(settings, args.batches, device, world_size) if args.compare \
-        else [("", settings)]
+        else [("", settings, None)]
+    peaks = None
+    if args.compare:
+        precisions = dict.fromkeys(precision_key(row, device) for _, row, _ in configurations)
+        peaks = {precision: matmul_peak(device, precision) for precision in precisions}
     results = []
     with tempfile.TemporaryDirectory(prefix="cenet-benchmark-") as temporary:
-        for index, (label, row) in enumerate(configurations):
+        for index, (label, row, layout) in enumerate(configurations):
             workdir = Path(temporary) / f"config-{index}"
             workdir.mkdir()
-            figures = measure(row, args, device, rank, world_size, workdir)
+            figures = measure(row, args, device, rank, world_size, workdir, layout, peaks)
+            runs_as = describe(row, device, world_size, layout)
             if rank == 0:
-                runs_as = describe(row, device, world_size)
                 print_figures(f"{header}\n{label} (runs as {runs_as})" if label else f"{header}\n{runs_as}", figures)
-            results.append((label, describe(row, device, world_size), figures))
+            results.append((label, runs_as, figures))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if row["COMPILE"]:
                 torch._dynamo.reset()  # the next configuration compiles afresh
     if args.compare and rank == 0:
-        if device.type != "cuda":
-            print("\n(on the CPU, bf16 autocast and channels_last are not used, so those rows reduce to fp32 "
-                  "NCHW and are measured once)")
-        print_comparison(results)
+        if device.type == "cpu" and not devices.cpu_capability()[1]:
+            print(f"\n(this CPU has no native bf16 ({devices.cpu_capability()[0]}), so AMP runs fp32 NCHW here "
+                  f"and its rows reduce to the first; they are measured once)")
+        print_comparison(results, peaks)
 
 
 def main(argv=None):

@@ -43,8 +43,11 @@ SEED = 0
 
 # --- machine ----------------------------------------------------------------------------
 DEVICE = "auto"               # auto (CUDA if present), cuda, cpu
-AMP = True                    # CUDA autocast: bf16 on compute capability >= 8.0, else fp16 + loss scaling; CPU: fp32
-CHANNELS_LAST = True          # memory format on CUDA, and for prediction on the CPU (measured faster there)
+AMP = True                    # autocast: bf16 on GPUs of compute capability >= 8.0, else fp16 + loss scaling;
+                              # bf16 on CPUs that compute it natively (AMX, AVX-512 BF16), else fp32
+                              # (devices.amp_dtype). False: fp32 everywhere (the committed tables' precision)
+CHANNELS_LAST = True          # memory format on CUDA, for prediction, and for bf16 training on the CPU
+                              # (fp32 CPU training stays NCHW: devices.memory_format)
 COMPILE = False               # torch.compile the model (falls back with a notice if it fails; off under
                               # torchrun on GPUs, where SyncBatchNorm breaks the graph at every BatchNorm)
 DETERMINISTIC = False         # True: bit-identical reruns on CUDA (no cuDNN autotuning, no TF32; slower)

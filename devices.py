@@ -116,47 +116,95 @@ def configure_speed(device, deterministic=False):
 
 
 
+# What torch reports of the CPU, strongest first: (torch.cpu query, its name in start-up lines, native bf16).
+# AMX tiles and AVX-512 BF16 compute bf16 dot products in hardware, and oneDNN's bf16 convolutions then run
+# several times faster than fp32 (CE-Net's training step on 2 cores of an AMD EPYC with AVX-512 BF16: 0.80 s
+# against 1.80 s in fp32 NCHW). Without them torch still accepts bf16 on AVX-512 and AVX2, but converts and
+# computes in fp32, which is slower than fp32 alone; there AMP stays fp32.
+CPU_CAPABILITIES = (
+    ("_is_amx_tile_supported", "AMX", True),
+    ("_is_avx512_bf16_supported", "AVX-512 BF16", True),
+    ("_is_avx512_supported", "AVX-512 without BF16", False),
+    ("_is_avx2_supported", "AVX2", False),
+)
+
+
+def cpu_capability(query=None):
+    """(name, native bf16) of this CPU's strongest instruction set among CPU_CAPABILITIES, from torch's own
+    queries (torch.cpu._is_..._supported, what oneDNN dispatches on); `query(name) -> bool` replaces them
+    in tests. A torch without the queries, or another architecture, reports (machine, False)."""
+    if query is None:
+        query = lambda name: bool(getattr(torch.cpu, name, lambda: False)())
+    for name, label, native_bf16 in CPU_CAPABILITIES:
+        if query(name):
+            return label, native_bf16
+    return platform.machine() or "unknown CPU", False
+
+
 def amp_dtype(device, enabled):
     """The autocast precision of AMP on `device`: bf16 on GPUs of compute capability 8.0 or newer (A100,
     RTX 30xx and later), fp16 on older ones (V100, T4, RTX 20xx), where bf16 convolutions are emulated
-    and slower than fp32; None (fp32) on the CPU or when AMP is off."""
-    if not enabled or device.type != "cuda":
+    and slower than fp32; bf16 on a CPU that computes it natively (cpu_capability), fp32 (None) on other
+    CPUs and when AMP is off."""
+    if not enabled:
+        return None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_capability()[1] else None
+    if device.type != "cuda":
         return None
     major, _ = torch.cuda.get_device_capability(device)
     return torch.bfloat16 if major >= 8 else torch.float16
 
 
 def precision_name(device, enabled):
-    """How a run computes, for its start-up line: 'bf16 autocast', 'fp16 autocast + loss scaling', 'fp32'."""
+    """How a run computes, for start-up lines, checkpoints and metrics.json: 'bf16 autocast',
+    'fp16 autocast + loss scaling (...)', 'fp32', with the reason where the choice was the machine's."""
     dtype = amp_dtype(device, enabled)
-    if dtype is None:
-        return "fp32"
     if dtype == torch.float16:
         major, minor = torch.cuda.get_device_capability(device)
         return f"fp16 autocast + loss scaling (compute capability {major}.{minor} has no fast bf16)"
-    return "bf16 autocast"
+    if dtype == torch.bfloat16:
+        return "bf16 autocast"
+    if enabled and device.type == "cpu":
+        return f"fp32 (no native bf16: {cpu_capability()[0]})"
+    return "fp32"
 
+
+def compute_description(device, enabled, channels_last, training=True):
+    """The start-up line's account of how the work runs: 'cpu (AMD EPYC, AVX-512 BF16): bf16 autocast,
+    channels-last'."""
+    layout = memory_format(device, channels_last, enabled) if training \
+        else inference_memory_format(device, channels_last)
+    layout_name = "channels-last" if layout == torch.channels_last else "NCHW"
+    where = str(device)
+    if device.type == "cpu":
+        where = f"cpu ({cpu_model()}, {cpu_capability()[0]})"
+    return f"{where}: {precision_name(device, enabled)}, {layout_name}"
 
 
 def autocast(device, enabled):
-    """Autocast in amp_dtype on CUDA when enabled; a no-op elsewhere (CPU runs stay fp32 and exact)."""
+    """Autocast in amp_dtype on `device` (CUDA, or a CPU with native bf16) when enabled; a no-op where AMP
+    means fp32 (such CPU runs stay exact)."""
     dtype = amp_dtype(device, enabled)
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 
 def inference_memory_format(device, channels_last):
-    """channels_last for prediction when asked for, on CUDA and on the CPU alike: on the CPU it is slower
-    for training (see memory_format) but faster for inference (CE-Net, 16 images of 608 x 608 on a
-    2-core AMD EPYC: 19.5 s against 25.2 s in NCHW)."""
+    """channels_last for prediction when asked for, on CUDA and on the CPU alike (CE-Net, 16 images of
+    608 x 608 on a 2-core AMD EPYC with AVX2: 19.5 s against 25.2 s in NCHW)."""
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def memory_format(device, channels_last):
-    """channels_last on CUDA when asked for; the CPU keeps NCHW (channels_last measured slower there)."""
-    if channels_last and device.type == "cuda":
+def memory_format(device, channels_last, amp=False):
+    """The training layout: channels_last on CUDA when asked for; on the CPU only together with bf16
+    autocast, where oneDNN's bf16 kernels want it. fp32 CPU training keeps NCHW: channels_last measured
+    slower there on an AVX2 AMD EPYC, and NCHW keeps fp32 runs bit for bit those of earlier releases."""
+    if not channels_last:
+        return torch.contiguous_format
+    if device.type == "cuda" or (device.type == "cpu" and amp_dtype(device, amp) == torch.bfloat16):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -184,7 +232,7 @@ def machine_name(device):
     """The hardware a figure was measured on, in words: the GPU's name, or the CPU's model and cores."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"CPU {cpu_model()}, {os.cpu_count()} cores (torch {torch.__version__})"
+    return f"CPU {cpu_model()} ({cpu_capability()[0]}), {os.cpu_count()} cores (torch {torch.__version__})"
 
 
 def cpu_model():

@@ -149,6 +149,9 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
     out = Path(out_dir) if out_dir else Path(settings["RESULTS_DIR"]) / Path(checkpoint).parent.name
     out = framework.new_run_dir(out.parent, out.name)  # only now: a bad input leaves no empty folder
 
+    print(f"predicting {len(samples)} test images on "
+          f"{devices.compute_description(device, settings['AMP'], settings['CHANNELS_LAST'], training=False)}",
+          file=sys.stderr)
     start = devices.timed(device)
     as_authors = settings["PROTOCOL"] == "authors"
     probs = inference.predict_samples(model, samples, device, image_size=settings["IMAGE_SIZE"],
@@ -186,7 +189,8 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
         "image_size": None if settings["PATCH_SIZE"] else settings["IMAGE_SIZE"],
         "input": input_description(settings),
         "preprocess": settings["PREPROCESS"], "tta": settings["TTA"], "threshold": settings["THRESHOLD"],
-        "amp": settings["AMP"] and device.type == "cuda", "device": str(device),
+        "amp": devices.amp_dtype(device, settings["AMP"]) is not None,
+        "precision": devices.precision_name(device, settings["AMP"]), "device": str(device),
         "machine": devices.machine_name(device),
         "pretrained": payload.get("pretrained", "unknown"), "train_steps": payload.get("step"),
         "scoring": settings["PROTOCOL"],

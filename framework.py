@@ -340,12 +340,14 @@ class Trainer:
     the loss comes back as a device tensor, and the caller decides when to read it.
     """
 
-    def __init__(self, model, images, labels, config, device, rank=0, world_size=1):
+    def __init__(self, model, images, labels, config, device, rank=0, world_size=1, layout=None):
+        """`layout`: a memory format that replaces the device's choice (devices.memory_format), for
+        benchmark.py's what-if rows only."""
         if config.batch_size % world_size:
             raise UserError(f"batch size {config.batch_size} does not split over {world_size} processes")
         self.config, self.device = config, device
         self.rank, self.world_size = rank, world_size
-        self.format = memory_format(device, config.channels_last)
+        self.format = layout or memory_format(device, config.channels_last, config.amp)
         self.model = unwrap(model)
         if world_size > 1 and device.type == "cuda":
             # Each GPU sees BATCH_SIZE / world_size images. Synchronised BatchNorm normalises over the

@@ -4,13 +4,18 @@
     python reproduce.py --recipes faithful --models cenet,unet --seeds-main 5
     python reproduce.py --dry-run                            # the plan and a rough GPU-time estimate only
     python reproduce.py --image-size 64 --epochs 1 --device cpu --out /tmp/r   # a tiny CPU smoke run
+    python reproduce.py --table drive_ablation_cpu --recipes cpu --models cenet,backbone,backbone_dac,\
+        backbone_dac_noatrous,backbone_rmp,backbone_inception,backbone_inception_res --seeds 3 --seeds-main 3 \
+        --data-root ../shared/DRIVE                  # the paper's Table VI with the cpu recipe
 
 Each run is training.train -> evaluation.evaluate in this process (as main.py then test.py), named repro_<recipe>_<model>_s<seed> under
 WEIGHTS_DIR and the results folder (an existing name gets a -2 suffix, nothing is overwritten). After
 every run <out>/<table>.json (each run's numbers) and <out>/<table>.md (mean ± std over seeds, the
 paper's numbers beside them, the protocol, figures of the best CE-Net run) are rewritten, so an
-interrupted job loses at most the run in progress, and the next call skips every run already recorded
-with the same settings (--fresh runs them again). Any constants.py flag (--image-size, --epochs,
+interrupted job loses little: the next call skips every run already recorded with the same settings
+(--fresh runs them again) and continues the run in progress from its last resume point (weights/<run>/last.pth,
+every CHECKPOINT_EVERY steps) when its settings are the same. Runs go seed by seed (seed 0 of every model,
+then seed 1, ...), so a study stopped part-way has every model at the seeds it reached. Any constants.py flag (--image-size, --epochs,
 --device, --data-root, ...) applies on top of every recipe. Recipes are those of recipes.py; the table
 itself is written by tables.py.
 """
@@ -54,7 +59,7 @@ BATCH_DEFAULTS = {"VISDOM": False}
 
 # Settings that name a run or describe the machine, not the experiment: they may differ between a
 # recorded run and a new one without making the recorded numbers stale.
-PER_RUN_KEYS = {"MODEL", "SEED", "RUN_NAME"}
+PER_RUN_KEYS = {"MODEL", "SEED", "RUN_NAME", "RESUME"}
 MACHINE_KEYS = {"DEVICE", "AMP", "CHANNELS_LAST", "COMPILE", "DATA_ROOT", "WEIGHTS_DIR", "RESULTS_DIR",
                 "VISDOM", "VISDOM_SERVER", "VISDOM_PORT", "LOG_EVERY"}
 
@@ -146,13 +151,17 @@ def experiment(settings):
 
 
 def plan(base, given, recipes, models, seeds, seeds_main):
-    """[(recipe, model, seed, settings)]; seeds count up from SEED (0 unless --seed says otherwise)."""
+    """[(recipe, model, seed, settings)], seed by seed: every model's first seed, then every model's second,
+    and so on (a model with fewer seeds drops out), so a study stopped part-way compares every model at
+    the seeds it reached. Seeds count up from SEED (0 unless --seed says otherwise)."""
     runs = []
     for recipe in recipes:
-        for model in models:
-            count = seeds_main if model in MAIN_MODELS else seeds
-            for seed in range(base["SEED"], base["SEED"] + count):
-                runs.append((recipe, model, seed, run_settings(base, given, recipe, model, seed)))
+        counts = {model: seeds_main if model in MAIN_MODELS else seeds for model in models}
+        for offset in range(max(counts.values())):
+            for model in models:
+                if offset < counts[model]:
+                    seed = base["SEED"] + offset
+                    runs.append((recipe, model, seed, run_settings(base, given, recipe, model, seed)))
     return runs
 
 
@@ -177,16 +186,41 @@ def estimate_seconds(settings, dataset):
 # One run
 # ------------------------------------------------------------------------------------------------------
 
+def unfinished_run(settings):
+    """The resume point of this run's own folder (weights/<run>/last.pth) when it was made with the same
+    settings, else None: a study stopped mid-run continues that run instead of starting it again."""
+    point = Path(settings["WEIGHTS_DIR"]) / settings["RUN_NAME"] / "last.pth"
+    if not point.is_file():
+        return None
+    try:
+        recorded = torch.load(point, map_location="cpu", weights_only=True)["settings"]
+    except Exception:  # a damaged file: start afresh in a new folder, keep this one for the user
+        say(f"notice: {point} cannot be read; {settings['RUN_NAME']} starts again in a new folder")
+        return None
+    if experiment(recorded) != experiment(settings):
+        say(f"notice: {point} was made with other settings ({differences(experiment(recorded), experiment(settings))}); "
+            f"starting a new run beside it")
+        return None
+    return point
+
+
 def run_one(recipe, model, seed, settings, results_dir, context):
-    """Train, evaluate, and return the run's record (what <table>.json keeps)."""
+    """Train (or continue an unfinished run), evaluate, and return the run's record (what <table>.json
+    keeps): the summary, each test image's figures (for paired tests), times, machine and precision."""
     start = time.perf_counter()
-    run_dir = training.train(settings)
+    point = unfinished_run(settings)
+    if point is not None:
+        say(f"continuing {settings['RUN_NAME']} from {point}")
+    run_dir = training.train({**settings, "RESUME": str(point) if point else ""})
     trained = time.perf_counter()
+    checkpoint = torch.load(run_dir / "final.pth", map_location="cpu", weights_only=True)
     summary, eval_dir, _ = evaluation.evaluate(run_dir / "final.pth", settings,
                                                out_dir=Path(results_dir) / run_dir.name)
     finished = time.perf_counter()
     report = json.loads((eval_dir / "metrics.json").read_text())
     protocol = report["protocol"]
+    # A continued run's training time includes the part before the stop (the checkpoint adds them up).
+    train_seconds = checkpoint.get("train_seconds", trained - start)
     return {
         "recipe": recipe, "model": model, "seed": seed, "run": run_dir.name,
         "checkpoint": str(run_dir / "final.pth"), "eval_dir": str(eval_dir),
@@ -197,8 +231,11 @@ def run_one(recipe, model, seed, settings, results_dir, context):
         "steps": protocol["train_steps"], "pretrained": protocol["pretrained"],
         "image_size": protocol["image_size"], "tta": protocol["tta"], "threshold": protocol["threshold"],
         "device": protocol["device"], "machine": context["machine"],
-        "train_seconds": round(trained - start, 1), "eval_seconds": round(finished - trained, 1),
-        "wall_seconds": round(finished - start, 1),
+        "train_precision": checkpoint.get("precision", "fp32"), "eval_precision": protocol.get("precision"),
+        "train_seconds": round(train_seconds, 1), "eval_seconds": round(finished - trained, 1),
+        "wall_seconds": round(train_seconds + finished - trained, 1),
+        "per_image": {name: {key: tables.finite(value) for key, value in row.items()}
+                      for name, row in report["per_image"].items()},
         "settings": experiment(settings),
         "git_commit": context["commit"], "command": context["command"],
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -12,7 +12,8 @@ from errors import UserError
 from recipes import RECIPE_WHY, RECIPES
 
 # --- what each table is -----------------------------------------------------------------------------------
-TABLES = {"drive": {"dataset": "drive", "title": "DRIVE retinal vessel segmentation"}}
+TABLES = {"drive": {"dataset": "drive", "title": "DRIVE retinal vessel segmentation"},
+          "drive_ablation_cpu": {"dataset": "drive", "title": "DRIVE ablation (the paper's Table VI), cpu recipe"}}
 
 
 

@@ -135,6 +135,12 @@ def train(settings, given=frozenset()):
             trainer.scaler.load_state_dict(resume["scaler"])
         trainer.step_count = resume["step"]
 
+    precision = devices.precision_name(device, settings["AMP"])
+    # Resume points written before precisions were recorded say nothing, and get no notice.
+    precisions = resume.get("precisions", []) if resume else []
+    if precisions and precision not in precisions:
+        say(rank, f"notice: this run was trained in {', '.join(precisions)} so far and continues in {precision} "
+                  f"on this machine; --amp false continues in fp32")
     run_dir, commit = None, report.git_commit()  # the code as it is now, not after an edit during training
     if rank == 0 and resume:
         run_dir = resume["path"].parent
@@ -146,8 +152,8 @@ def train(settings, given=frozenset()):
                           enabled=settings["VISDOM"] and rank == 0)
     say(rank, f"training {networks.MODEL_TITLES[settings['MODEL']]} on {settings['DATASET']} "
               f"({describe_input(settings, len(images))}) for {trainer.total_steps} steps of batch "
-              f"{settings['BATCH_SIZE']} on {device}" + (f" x{world_size}" if world_size > 1 else "")
-              + f", {devices.precision_name(device, settings['AMP'])}")
+              f"{settings['BATCH_SIZE']} on " + (f"{world_size} processes, " if world_size > 1 else "")
+              + devices.compute_description(device, settings["AMP"], settings["CHANNELS_LAST"]))
 
     log_lines = resume["log"] if resume else ["step,loss,lr"]
     earlier_seconds = resume.get("train_seconds", 0.0) if resume else 0.0
@@ -159,7 +165,9 @@ def train(settings, given=frozenset()):
     def save_point():
         seconds = earlier_seconds + devices.timed(device) - start
         return framework.save_resume_point(run_dir / "last.pth", trainer, settings, log_lines,
-                                           pretrained=pretrained_status, train_seconds=round(seconds, 2))
+                                           pretrained=pretrained_status, train_seconds=round(seconds, 2),
+                                           precision=precision,
+                                           precisions=sorted(set(precisions) | {precision}))
 
     with StopSignals(enabled=world_size == 1) as stop:
         for step in range(trainer.step_count + 1, trainer.total_steps + 1):
@@ -194,7 +202,8 @@ def train(settings, given=frozenset()):
         path = framework.save_checkpoint(run_dir / "final.pth", trainer.model, settings, step=trainer.step_count,
                                          train_seconds=round(seconds, 2), pretrained=pretrained_status,
                                          world_size=world_size, git_commit=commit,
-                                         machine=devices.machine_name(device))
+                                         machine=devices.machine_name(device), precision=precision,
+                                         precisions=sorted(set(precisions) | {precision}))
         (run_dir / "last.pth").unlink(missing_ok=True)  # final.pth holds all of it now
         print(f"saved {path} after {trainer.step_count} steps in {seconds:.1f}s; evaluate with: "
               f"python test.py --checkpoint {path}")

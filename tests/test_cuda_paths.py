@@ -178,7 +178,7 @@ def test_amp_precision_follows_the_compute_capability(capability, expected, monk
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     cuda = torch.device("cuda", 0)
     assert devices.amp_dtype(cuda, True) == expected
-    assert devices.amp_dtype(cuda, False) is None and devices.amp_dtype(torch.device("cpu"), True) is None
+    assert devices.amp_dtype(cuda, False) is None
     name = devices.precision_name(cuda, True)
     assert name.startswith("bf16") if expected == torch.bfloat16 else ("fp16" in name and "7." in name)
 

@@ -229,3 +229,73 @@ def test_command_line_beats_recipe_and_names_each_run():
     assert plain["IMAGE_SIZE"] == 576 and plain["VISDOM"] is False
     assert "MODEL" not in reproduce.experiment(plain) and "DEVICE" not in reproduce.experiment(plain)
     assert reproduce.experiment(plain)["EPOCHS"] == 1000
+
+
+def test_runs_go_seed_by_seed_so_a_stopped_study_covers_every_model():
+    import argparse
+
+    import cli
+    base, given = cli.settings_from(cli.add_constant_flags(argparse.ArgumentParser()).parse_args([]))
+    runs = reproduce.plan(base, given, ["cpu"], ["cenet", "backbone", "unet"], seeds=1, seeds_main=2)
+    assert [(model, seed) for _, model, seed, _ in runs] == [("cenet", 0), ("backbone", 0), ("unet", 0),
+                                                             ("cenet", 1), ("unet", 1)]
+
+
+def test_each_record_keeps_per_image_figures_and_precision(table):
+    for run in table["json"]["runs"]:
+        written = json.loads((Path(run["eval_dir"]) / "metrics.json").read_text())
+        assert run["per_image"] == written["per_image"]
+        assert run["train_precision"] == run["eval_precision"] == written["protocol"]["precision"]
+
+
+def test_a_run_stopped_part_way_continues_from_its_resume_point(small_drive, tmp_path):
+    """A study killed mid-run (a session's end, a cluster's limit) leaves weights/<run>/last.pth; the next call
+    continues that run in the same folder, and ends with the weights of a run that was never stopped."""
+    import torch
+
+    import framework
+
+    def toy(where):
+        return ["--models", "backbone", "--recipes", "faithful", "--seeds", "1", "--image-size", "64",
+                "--batch-size", "2", "--epochs", "2", "--pretrained", "none", "--device", "cpu",
+                "--checkpoint-every", "1", "--data-root", small_drive, "--weights-dir", where / "weights",
+                "--out", where / "results"]
+
+    original_step = framework.Trainer.step
+
+    def killed_in_step_two(self):
+        if self.step_count == 1:  # step 1 is done and its resume point written
+            raise KeyboardInterrupt
+        return original_step(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(framework.Trainer, "step", killed_in_step_two)
+        with pytest.raises(KeyboardInterrupt):
+            run_reproduce(toy(tmp_path / "stopped"))
+    run_dir = tmp_path / "stopped" / "weights" / "repro_faithful_backbone_s0"
+    assert (run_dir / "last.pth").is_file() and not (run_dir / "final.pth").exists()
+
+    printed = run_reproduce(toy(tmp_path / "stopped"))
+    assert "continuing repro_faithful_backbone_s0" in printed
+    assert not (run_dir.parent / "repro_faithful_backbone_s0-2").exists()
+    run_reproduce(toy(tmp_path / "straight"))
+    continued = torch.load(run_dir / "final.pth", weights_only=True)
+    straight = torch.load(tmp_path / "straight" / "weights" / "repro_faithful_backbone_s0" / "final.pth",
+                          weights_only=True)
+    assert continued["step"] == straight["step"] == 2
+    for name, value in straight["state_dict"].items():
+        assert torch.equal(continued["state_dict"][name], value), name
+    record = json.loads((tmp_path / "stopped" / "results" / "drive.json").read_text())["runs"][0]
+    assert record["train_seconds"] == pytest.approx(continued["train_seconds"], abs=0.1)
+
+
+def test_an_unfinished_run_with_other_settings_is_left_alone(tmp_path, capsys):
+    import torch
+    run_dir = tmp_path / "repro_faithful_backbone_s0"
+    run_dir.mkdir()
+    settings = {"WEIGHTS_DIR": str(tmp_path), "RUN_NAME": run_dir.name, "EPOCHS": 2, "MODEL": "backbone"}
+    torch.save({"settings": {**settings, "EPOCHS": 3}}, run_dir / "last.pth")
+    assert reproduce.unfinished_run(settings) is None
+    assert "EPOCHS 3 -> 2" in capsys.readouterr().out
+    torch.save({"settings": {**settings, "DEVICE": "cuda"}}, run_dir / "last.pth")  # the machine may differ
+    assert reproduce.unfinished_run(settings) == run_dir / "last.pth"

@@ -6,6 +6,7 @@ import torch
 import benchmark
 import cli
 import constants
+import devices
 import framework
 import inference
 import networks
@@ -236,7 +237,9 @@ def test_benchmark_runs_and_prints_its_figures(small_drive, capsys):
         assert numbers[name] > 0, name
     projected = [name for name in numbers if name.startswith("projected main.py run, 300 steps")]
     assert projected and numbers[projected[0]] > 0  # 300 epochs of ceil(2 images / batch 2) steps
-    assert "fp32, NCHW, eager, batch 2" in stdout
+    # AMP is on by default: bf16 + channels_last on a CPU with native bf16, fp32 NCHW elsewhere.
+    runs_as = "bf16, channels_last" if devices.cpu_capability()[1] else "fp32, NCHW"
+    assert f"{runs_as}, eager, batch 2" in stdout
 
 
 @pytest.mark.parametrize("flags", [["--steps", "0"], ["--warmup", "-1"], ["--compare-batches", "8"],
@@ -252,12 +255,22 @@ def test_compare_rows_keep_only_what_differs_on_the_device(monkeypatch):
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     on_gpu = benchmark.compare_configurations(settings, batches, gpu, 1)
-    assert [benchmark.describe(row, gpu, 1) for _, row in on_gpu] == [
+    assert [benchmark.describe(row, gpu, 1) for _, row, _ in on_gpu] == [
         "fp32, NCHW, eager, batch 8", "bf16, channels_last, eager, batch 32", "bf16, channels_last, compiled, batch 32"]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     assert benchmark.describe(on_gpu[1][1], gpu, 1) == "fp16 + loss scaling, channels_last, eager, batch 32"
     # Under torchrun on GPUs the compile row runs eagerly (see framework.compile_useful), so it is not measured.
     assert len(benchmark.compare_configurations(settings, batches, gpu, 2)) == 2
-    on_cpu = benchmark.compare_configurations(settings, {"small": 8, "large": 8}, torch.device("cpu"), 1)
-    assert [benchmark.describe(row, torch.device("cpu"), 1) for _, row in on_cpu] == [
-        "fp32, NCHW, eager, batch 8", "fp32, NCHW, compiled, batch 8"]
+
+
+@pytest.mark.parametrize("native_bf16, expected", [
+    (True, ["fp32, NCHW, eager, batch 8", "fp32, channels_last, eager, batch 8",
+            "bf16, channels_last, eager, batch 8", "bf16, channels_last, compiled, batch 8"]),
+    # Without native bf16 the AMP row is the first row again, so only its compiled form is measured.
+    (False, ["fp32, NCHW, eager, batch 8", "fp32, channels_last, eager, batch 8", "fp32, NCHW, compiled, batch 8"]),
+])
+def test_cpu_compare_rows_follow_the_bf16_capability(native_bf16, expected, monkeypatch):
+    monkeypatch.setattr(devices, "cpu_capability", lambda query=None: ("test CPU", native_bf16))
+    cpu = torch.device("cpu")
+    rows = benchmark.compare_configurations(settings_with(BATCH_SIZE=8), {"small": 2, "large": 32}, cpu, 1)
+    assert [benchmark.describe(row, cpu, 1, layout) for _, row, layout in rows] == expected
