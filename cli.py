@@ -58,6 +58,15 @@ def settings_from(args):
     return settings, frozenset(given)
 
 
+def _scale_factor(text):
+    """EVAL_SCALE as a number in PATCH_SCALE's range, or None."""
+    try:
+        factor = float(text)
+    except ValueError:
+        return None
+    return factor if 0.25 <= factor <= 4 else None
+
+
 # name -> (test, what the value must be); checked before any data is read.
 RANGES = {
     "BATCH_SIZE": (lambda value: value >= 1, "at least 1"),
@@ -79,6 +88,9 @@ RANGES = {
     "AUGMENT": (lambda value: value in AUGMENTATIONS, " or ".join(AUGMENTATIONS)),
     "PREPROCESS": (lambda value: value in PREPROCESSINGS, " or ".join(PREPROCESSINGS)),
     "PROTOCOL": (lambda value: value in ("ours", "authors"), "ours or authors"),
+    "SPLIT": (lambda value: value in ("test", "train", "all"), "test, train or all"),
+    "EVAL_SCALE": (lambda value: value == "auto" or _scale_factor(value) is not None,
+                   "auto or a number in [0.25, 4], e.g. 1"),
 }
 
 

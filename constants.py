@@ -18,6 +18,9 @@ PATCH_SCALE = 1.0             # with PATCH_SIZE: every image (and label) is resi
 FOLD = 0                      # cross-validation fold, for datasets evaluated by k-fold
 NUM_FOLDS = 5                 # number of folds for those datasets
 CROP_SIZE = 800               # optic disc (ORIGA, Messidor): side of the crop around the brightest point
+FOLDER_CLASSES = 0            # DATASET "folder" (your own data, docs/folder_dataset.md): 0 lets the training labels
+                              # decide (one nonzero value: binary; more: one class per distinct value,
+                              # sorted); K >= 2 declares K classes stored as 0..K-1 (2: binary, nonzero = 1)
 PREPROCESS = "ours"           # ours: RGB, ImageNet mean/std; authors: as the authors' code (BGR, x/255*3.2-1.6);
                               # clahe: ours after per-channel CLAHE (see data.PREPROCESSINGS).
                               # Checkpoints record theirs, and test.py follows the checkpoint
@@ -59,6 +62,12 @@ RESULTS_DIR = "results"
 THRESHOLD = 0.5               # probability threshold for binary masks and Acc/Sen/Spe/F1
 PROTOCOL = "ours"             # ours: native resolution, whole image and FOV; authors: their test_cenet.py (DRIVE)
 TTA = True                    # 8-way dihedral test-time augmentation
+SPLIT = "test"                # which images test.py scores: test, train, or all (train then test; e.g.
+                              # all 28 CHASE_DB1 images for a model trained on another dataset)
+EVAL_SCALE = "1"              # models trained on crops (PATCH_SIZE): "1" predicts at the trained scale
+                              # (PATCH_SCALE); "auto" resizes each image so its field of view has the diameter
+                              # of the training set's (DRIVE: fov.DRIVE_FOV_DIAMETER, 540 px), for another
+                              # dataset's images (CHASE_DB1's FOV is 915 px); a number multiplies PATCH_SCALE
 VISDOM_SERVER = "http://localhost"
 VISDOM_PORT = 8097
 VISDOM = True                 # log to visdom when a server answers; training goes on without

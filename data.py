@@ -26,8 +26,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # preprocessing it was trained with, so checkpoints record it and test.py uses the recorded one.
 PREPROCESSINGS = {
     "ours": "RGB, antialiased bilinear resize, ImageNet mean/std (the encoder's pretraining statistics)",
-    "authors": "the CE-Net authors' released code: OpenCV's BGR channel order, bilinear resize without "
-               "antialiasing (OpenCV's INTER_LINEAR, to within one grey level), x / 255 * 3.2 - 1.6",
+    "authors": "the CE-Net authors' released code: OpenCV's BGR channel order, OpenCV's own bilinear resize "
+               "(cv2.resize, INTER_LINEAR: no antialiasing), x / 255 * 3.2 - 1.6",
     "clahe": "as ours, after contrast-limited adaptive histogram equalisation (CLAHE, scikit-image's defaults) "
              "of each of R, G and B at the image's decoded resolution: raises the local contrast of "
              "capillaries (not in the paper)",
@@ -71,12 +71,27 @@ def check_image_size(size):
 
 def resize_image(image, size, preprocess="ours"):
     """(H, W, 3) uint8 array -> (3, size, size) uint8 tensor (size may also be a (height, width) pair),
-    after the preprocessing's per-image step (`enhance`); bilinear: antialiased for "ours" and "clahe"; plain,
-    with half-pixel centres, as OpenCV's cv2.resize does, for "authors"."""
+    after the preprocessing's per-image step (`enhance`); bilinear: antialiased for "ours" and "clahe"; OpenCV's
+    own cv2.resize for "authors" (`opencv_resize`)."""
+    if preprocess == "authors":
+        height, width = as_pair(size)
+        resized = opencv_resize(enhance(image, preprocess), (height, width)).reshape(height, width, -1)
+        return torch.from_numpy(resized).permute(2, 0, 1).contiguous()
     tensor = torch.from_numpy(np.ascontiguousarray(enhance(image, preprocess))).permute(2, 0, 1)[None].float()
-    resized = F.interpolate(tensor, size=as_pair(size), mode="bilinear", antialias=preprocess != "authors",
-                            align_corners=False)
+    resized = F.interpolate(tensor, size=as_pair(size), mode="bilinear", antialias=True, align_corners=False)
     return resized[0].round().clamp(0, 255).to(torch.uint8)
+
+
+
+def opencv_resize(array, shape):
+    """`array` (H, W) or (H, W, C), uint8 or float32, resized to `shape` (height, width) by cv2.resize with its
+    default INTER_LINEAR, as the authors' data.py and test_cenet.py resize images and maps: half-pixel centres,
+    no antialiasing, the dtype kept. OpenCV itself rather than an emulation: it computes 8-bit images in fixed
+    point, and a float emulation rounded to 8 bits differs from it by one grey level on about a tenth of the
+    pixels of a DRIVE image. Float maps stay unrounded, as OpenCV returns them."""
+    import cv2  # only the authors' way needs OpenCV; ours and clahe never load it
+    height, width = as_pair(shape)
+    return cv2.resize(np.ascontiguousarray(array), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import data
 import devices
+import fov
 import framework
 import inference
 import metrics
@@ -22,9 +23,10 @@ import tasks
 from errors import UserError
 
 # What a checkpoint's model is and which images it belongs to: taken from the checkpoint. A flag may
-# still change the evaluation size or the fold (with a notice); model and dataset must match.
+# still change the evaluation size or the fold (with a notice); the model must match, and so must the dataset
+# unless both are of one family (compatible_datasets: a DRIVE model scored on CHASE_DB1, no retraining).
 MODEL_KEYS = ("MODEL", "DATASET", "IMAGE_SIZE", "PATCH_SIZE", "PATCH_SCALE", "PREPROCESS", "FOLD", "NUM_FOLDS",
-              "CROP_SIZE")
+              "CROP_SIZE", "CLASS_VALUES")
 
 # How the authors' released CE-Net was trained and tested (their main.py and test_cenet.py): whole images
 # resized to 448, their preprocessing.
@@ -32,14 +34,41 @@ AUTHORS_TRAINING = {"MODEL": "cenet", "IMAGE_SIZE": 448, "PATCH_SIZE": 0, "PREPR
 MUST_MATCH = ("MODEL", "DATASET")
 
 
+def compatible_datasets(trained, wanted):
+    """Whether a model trained on dataset `trained` may be scored on `wanted` without retraining: both of one
+    declared family (Dataset.family, e.g. "fundus vessels") and with the same output classes."""
+    first, second = tasks.dataset(trained), tasks.dataset(wanted)
+    return bool(first.family) and first.family == second.family and first.num_classes == second.num_classes
+
+
+def dataset_kind(name):
+    spec = tasks.dataset(name)
+    return f"{name}: {spec.family or 'no family'}, {spec.num_classes} output channel{'s' * (spec.num_classes > 1)}"
+
+
+def check_dataset(trained, wanted, path):
+    """A cross-dataset evaluation is allowed, with a notice, between compatible datasets; refused otherwise."""
+    if not compatible_datasets(trained, wanted):
+        raise UserError(f"checkpoint {path} was trained as dataset {trained!r}, but --dataset {wanted} was given; "
+                        f"a model is scored on another dataset only when both are of one family with the same "
+                        f"classes ({dataset_kind(trained)}; {dataset_kind(wanted)}); drop the flag or pick a "
+                        f"matching checkpoint")
+    print(f"notice: cross-dataset evaluation: a model trained on {trained} scored on {wanted} without retraining "
+          f"(both {tasks.dataset(trained).family}); images from another camera may need --eval-scale auto "
+          f"(docs/datasets.md)", file=sys.stderr)
+
+
 def settings_for(trained, settings, given, path):
     """The settings an evaluation runs with: the checkpoint's MODEL_KEYS, everything else the user's
-    (DATA_ROOT too, unless the user gave none and the checkpoint's folder is there)."""
+    (DATA_ROOT too, unless the user gave none and the checkpoint's folder, of the same dataset, is there)."""
     merged = dict(settings)
     for key in MODEL_KEYS:
         if key not in trained:
             continue  # a checkpoint older than the setting: today's default
         if key in given and settings[key] != trained[key]:
+            if key == "DATASET":
+                check_dataset(trained[key], settings[key], path)
+                continue
             if key in MUST_MATCH:
                 raise UserError(f"checkpoint {path} was trained as {key.lower()} {trained[key]!r}, but "
                                 f"--{key.lower()} {settings[key]} was given; drop the flag or pick the "
@@ -51,7 +80,8 @@ def settings_for(trained, settings, given, path):
     # The data a model was trained on is the natural default for its test split, where that folder
     # exists on this machine (a released checkpoint names a folder of the machine that trained it).
     trained_root = trained.get("DATA_ROOT")
-    if "DATA_ROOT" not in given and trained_root and Path(trained_root).is_dir():
+    same_dataset = merged.get("DATASET") == trained.get("DATASET", merged.get("DATASET"))
+    if "DATA_ROOT" not in given and trained_root and same_dataset and Path(trained_root).is_dir():
         merged["DATA_ROOT"] = trained_root
     return merged
 
@@ -67,7 +97,7 @@ def load_model(path, settings, given):
     else:
         merged = dict(settings)
         state_dict = payload.get("state_dict", payload.get("model", payload))
-        num_classes = tasks.dataset(settings["DATASET"]).num_classes
+        num_classes = None  # a bare state dict predicts its dataset's classes (below)
         if isinstance(state_dict, dict):
             state_dict = framework.clean_state_dict(state_dict)
             if networks.is_authors_state_dict(state_dict):
@@ -76,7 +106,10 @@ def load_model(path, settings, given):
                 print(f"notice: {path} is a CE-Net checkpoint in the authors' format; its tensors were renamed "
                       f"to this repository's CE-Net, and it is evaluated with their preprocessing "
                       f"({merged['PREPROCESS']}) at {merged['IMAGE_SIZE']} px", file=sys.stderr)
-    expected = tasks.dataset(merged["DATASET"]).num_classes
+    spec = tasks.dataset(merged["DATASET"])
+    merged = spec.with_classes(merged)  # --dataset folder: the classes the checkpoint recorded, or its labels'
+    expected = spec.outputs(merged)
+    num_classes = expected if num_classes is None else num_classes
     if num_classes != expected:
         raise UserError(f"checkpoint {path} predicts {num_classes} classes but dataset "
                         f"{merged['DATASET']!r} has {expected}")
@@ -125,13 +158,70 @@ def check_protocol(settings, spec):
                         "trained on crops and predicts at native resolution; use --protocol ours")
 
 
-def input_description(settings):
+def input_description(settings, scales=None):
     if not settings["PATCH_SIZE"]:
         return f"resized to {settings['IMAGE_SIZE']}x{settings['IMAGE_SIZE']}, probabilities resized back"
-    if settings["PATCH_SCALE"] == 1:
+    if scales and len(set(scales)) > 1:
+        return (f"whole image resized by {min(scales):.3f} to {max(scales):.3f} (--eval-scale "
+                f"{settings.get('EVAL_SCALE', '1')}: per image, see 'scales'), zero-padded to a multiple of 32, "
+                f"probabilities resized back to native resolution")
+    scale = scales[0] if scales else settings["PATCH_SCALE"]
+    if scale == 1:
         return "whole image at native resolution, zero-padded to a multiple of 32"
-    return (f"whole image resized by {settings['PATCH_SCALE']:g}, zero-padded to a multiple of 32, "
+    return (f"whole image resized by {scale:g}, zero-padded to a multiple of 32, "
             f"probabilities resized back to native resolution")
+
+
+def fov_of(sample):
+    """The sample's field of view: its dataset's mask (or CHASE_DB1's estimate), else estimated here."""
+    return sample.fov if sample.fov is not None else fov.estimate_fov(sample.image)
+
+
+def evaluation_scales(samples, settings, trained_dataset):
+    """The PATCH_SCALE each sample is predicted at: the checkpoint's, times EVAL_SCALE ("auto": per image, the
+    factor that gives its FOV the training dataset's fov_diameter). None for a model that
+    resizes every image to IMAGE_SIZE, where a scale would change nothing (ignored with a notice)."""
+    choice = settings.get("EVAL_SCALE", "1")
+    if not settings["PATCH_SIZE"]:
+        if choice != "auto" and float(choice) == 1:
+            return None
+        print(f"notice: --eval-scale {choice} ignored: this model resizes every image to {settings['IMAGE_SIZE']} "
+              f"px (PATCH_SIZE 0), whatever its size", file=sys.stderr)
+        return None
+    if choice == "auto":
+        reference = tasks.dataset(trained_dataset).fov_diameter
+        if reference is None:
+            raise UserError(f"--eval-scale auto matches each image's field of view to the training set's, which is "
+                            f"known for {', '.join(tasks.fundus_datasets())} only, not {trained_dataset!r}; use "
+                            f"--eval-scale 1 or a number")
+        factors = [fov.scale_to_match(fov_of(sample), reference) for sample in samples]
+    else:
+        factors = [float(choice)] * len(samples)
+    # Rounded, so that images of equal FOV diameter get equal scales and share a batch.
+    scales = [round(settings["PATCH_SCALE"] * factor, 4) for factor in factors]
+    for sample, scale in zip(samples, scales):
+        if not 0.25 <= scale <= 4:
+            raise UserError(f"--eval-scale {choice} would resize image {sample.name} by {scale:g} (with PATCH_SCALE "
+                            f"{settings['PATCH_SCALE']:g}), outside [0.25, 4]; use --eval-scale 1 or a nearer number")
+    return scales
+
+
+def predict_at_scales(model, samples, device, settings, fmt, scales, restore_size):
+    """inference.predict_samples with one PATCH_SCALE per sample (`scales`, None: the checkpoint's):
+    the samples that share a scale go through together, and come back in their own order."""
+    options = dict(image_size=settings["IMAGE_SIZE"], patch_size=settings["PATCH_SIZE"], tta=settings["TTA"],
+                   amp=settings["AMP"], fmt=fmt, preprocess=settings["PREPROCESS"], restore_size=restore_size)
+    if scales is None or len(set(scales)) == 1:
+        scale = settings["PATCH_SCALE"] if scales is None else scales[0]
+        return inference.predict_samples(model, samples, device, patch_scale=scale, progress=True, **options)
+    probs = [None] * len(samples)
+    for scale in sorted(set(scales)):
+        indices = [index for index, own in enumerate(scales) if own == scale]
+        group = inference.predict_samples(model, [samples[index] for index in indices], device, patch_scale=scale,
+                                          **options)
+        for index, prob in zip(indices, group):
+            probs[index] = prob
+    return probs
 
 
 def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
@@ -144,20 +234,21 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
     model = model.to(device, memory_format=fmt)
     spec = tasks.dataset(settings["DATASET"])
     check_protocol(settings, spec)
-    samples = tasks.load_split(settings["DATASET"], settings["DATA_ROOT"], "test",
+    split = settings.get("SPLIT", "test")
+    samples = tasks.load_split(settings["DATASET"], settings["DATA_ROOT"], split,
                                tasks.SplitOptions.from_settings(settings))
+    trained_dataset = payload.get("dataset", settings["DATASET"]) \
+        if payload.get("format") == framework.CHECKPOINT_FORMAT else settings["DATASET"]
+    scales = evaluation_scales(samples, settings, trained_dataset)
     out = Path(out_dir) if out_dir else Path(settings["RESULTS_DIR"]) / Path(checkpoint).parent.name
     out = framework.new_run_dir(out.parent, out.name)  # only now: a bad input leaves no empty folder
 
-    print(f"predicting {len(samples)} test images on "
+    print(f"predicting {len(samples)} {split} images on "
           f"{devices.compute_description(device, settings['AMP'], settings['CHANNELS_LAST'], training=False)}",
           file=sys.stderr)
     start = devices.timed(device)
     as_authors = settings["PROTOCOL"] == "authors"
-    probs = inference.predict_samples(model, samples, device, image_size=settings["IMAGE_SIZE"],
-                                      patch_size=settings["PATCH_SIZE"], tta=settings["TTA"], amp=settings["AMP"],
-                                      fmt=fmt, preprocess=settings["PREPROCESS"],
-                                      patch_scale=settings["PATCH_SCALE"], restore_size=not as_authors, progress=True)
+    probs = predict_at_scales(model, samples, device, settings, fmt, scales, restore_size=not as_authors)
     rows, curves = [], {}
     for index, (sample, prob) in enumerate(zip(samples, probs)):
         if as_authors:
@@ -174,20 +265,23 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
               f"{settings['THRESHOLD']} ({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}); the model is "
               f"probably undertrained: train longer or check the learning rate", file=sys.stderr)
 
-    unlabelled = [sample.name for sample in samples if spec.num_classes == 1 and not sample.label.any()]
+    unlabelled = [sample.name for sample in samples if spec.outputs(settings) == 1 and not sample.label.any()]
     if unlabelled:
         print(f"warning: the test labels of {', '.join(unlabelled)} have no foreground, so their AUC, Sen and F1 "
               f"are undefined: null in metrics.json and left out of the means", file=sys.stderr)
 
     names = [sample.name for sample in samples]
     save_pictures(samples, probs, curves, out, settings["THRESHOLD"],
-                  f"{settings['MODEL']} on {settings['DATASET']} test (inside FOV)")
+                  f"{settings['MODEL']} on {settings['DATASET']} {split} (inside FOV)")
     summary = metrics.summarize(rows)
     total_seconds = devices.timed(device) - start
     protocol = {
         "checkpoint": str(checkpoint), "model": settings["MODEL"], "dataset": settings["DATASET"],
+        "trained_on": trained_dataset, "split": split,
         "image_size": None if settings["PATCH_SIZE"] else settings["IMAGE_SIZE"],
-        "input": input_description(settings),
+        "input": input_description(settings, scales),
+        "eval_scale": settings.get("EVAL_SCALE", "1"),
+        "scales": None if scales is None else dict(zip((sample.name for sample in samples), scales)),
         "preprocess": settings["PREPROCESS"], "tta": settings["TTA"], "threshold": settings["THRESHOLD"],
         "amp": devices.amp_dtype(device, settings["AMP"]) is not None,
         "precision": devices.precision_name(device, settings["AMP"]), "device": str(device),
@@ -200,6 +294,6 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
         "protocol": protocol, "summary": summary, "per_image": dict(zip(names, rows)),
         "seconds": {"predict_and_score": round(predict_seconds, 3), "total_after_load": round(total_seconds, 3)},
     })
-    report.write_text(out / "metrics.md", f"# {settings['MODEL']} on {settings['DATASET']} test\n\n"
+    report.write_text(out / "metrics.md", f"# {settings['MODEL']} on {settings['DATASET']} {split}\n\n"
                                           f"{protocol['evaluation']}\n\n{per_image_table(rows, summary, names)}")
     return summary, out, total_seconds

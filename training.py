@@ -33,15 +33,16 @@ def training_tensors(settings):
     spec = tasks.dataset(settings["DATASET"])
     samples = tasks.load_split(settings["DATASET"], settings["DATA_ROOT"], "train",
                                tasks.SplitOptions.from_settings(settings))
-    empty = [sample.name for sample in samples if spec.num_classes == 1 and not sample.label.any()]
+    num_classes = spec.outputs(settings)
+    empty = [sample.name for sample in samples if num_classes == 1 and not sample.label.any()]
     if empty:
         print(f"warning: {len(empty)} of {len(samples)} training labels have no foreground "
               f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}); check that the annotations are the "
               f"right files (a binary label counts every nonzero value as foreground)", file=sys.stderr)
     if settings["PATCH_SIZE"]:
-        return data.stack_native(samples, spec.num_classes, settings["PATCH_SCALE"],
+        return data.stack_native(samples, num_classes, settings["PATCH_SCALE"],
                                  settings["PREPROCESS"])
-    return data.stack_samples(samples, settings["IMAGE_SIZE"], spec.num_classes, settings["PREPROCESS"])
+    return data.stack_samples(samples, settings["IMAGE_SIZE"], num_classes, settings["PREPROCESS"])
 
 
 def prepare(settings, rank):
@@ -51,11 +52,12 @@ def prepare(settings, rank):
         raise UserError(f"--patch-scale {settings['PATCH_SCALE']:g} applies to crop training only; add "
                         f"--patch-size N (e.g. 256), or set the size of whole resized images with --image-size")
     spec = tasks.dataset(settings["DATASET"])
+    settings = spec.with_classes(settings)  # a no-op after train() decided them; benchmark.py calls prepare alone
     if settings["MODEL"] not in networks.MODELS:
         networks.build_model(settings["MODEL"])  # raises the UserError listing valid names
     images, labels = training_tensors(settings)
     devices.seed_everything(settings["SEED"])
-    model = networks.build_model(settings["MODEL"], num_classes=spec.num_classes)
+    model = networks.build_model(settings["MODEL"], num_classes=spec.outputs(settings))
     status = networks.load_encoder_weights(model, settings["PRETRAINED"])
     say(rank, status)
     return model, images, labels, status
@@ -123,6 +125,8 @@ def train(settings, given=frozenset()):
         raise UserError(f"--batch-size {settings['BATCH_SIZE']} does not split over {world_size} processes; "
                         f"use a multiple of {world_size}")
     devices.configure_speed(device, settings["DETERMINISTIC"])
+    # --dataset folder: the classes its labels decide, recorded in settings.json and the checkpoint for test.py.
+    settings = tasks.dataset(settings["DATASET"]).with_classes(settings)
     model, images, labels, pretrained_status = prepare(settings, rank)
     if resume:
         model.load_state_dict(resume["state_dict"])

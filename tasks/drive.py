@@ -3,8 +3,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+import data
+import fov
 from errors import UserError
 
 from metrics import as_device_tensor, binary_metrics, binary_metrics_and_roc, roc_auc, thin_curve, threshold_metrics
@@ -67,12 +68,19 @@ def score_vessels(prob, sample, threshold):
 
 def authors_vessel_mask(prob, shape, threshold=0.5):
     """The binary mask of the authors' test_cenet.py from a (1, S, S) probability map at the network's size:
-    thresholded there, scaled to 0/255, resized bilinearly to the native `shape` (OpenCV's half-pixel
-    convention; rounded to 8 bits as OpenCV stores it) and kept where above 20. Every pixel within about a
-    pixel of a vessel passes, so vessels come out thicker than a threshold at native resolution gives."""
-    binary = (prob[0].float() > threshold).float() * 255
-    resized = F.interpolate(binary[None, None], size=tuple(shape), mode="bilinear", align_corners=False)[0, 0]
-    return resized.round() > 20
+    thresholded there, scaled to 0/255, resized to the native `shape` by OpenCV's cv2.resize (INTER_LINEAR) and
+    kept where above 20. Their mask is float32 (the network's output), so OpenCV resizes it in float and nothing
+    is rounded to 8 bits. Every pixel within about a pixel of a vessel passes, so vessels come out thicker than
+    a threshold at native resolution gives."""
+    binary = ((prob[0].float() > threshold).float() * 255).cpu().numpy()
+    return torch.from_numpy(data.opencv_resize(binary, tuple(shape)) > 20).to(prob.device)
+
+
+def authors_native_probabilities(prob, shape):
+    """A (1, S, S) probability map resized to the native `shape` as test_cenet.py resizes its float32 map for the
+    AUC: cv2.resize, INTER_LINEAR, unrounded. (Theirs is the sum of the 8 TTA views, divided by 8 after resizing;
+    resizing is linear and dividing by 8 exact in binary floating point, so the mean gives the same numbers.)"""
+    return torch.from_numpy(data.opencv_resize(prob[0].float().cpu().numpy(), tuple(shape)))[None].to(prob.device)
 
 
 def score_vessels_as_authors(prob, sample, threshold):
@@ -80,7 +88,7 @@ def score_vessels_as_authors(prob, sample, threshold):
     AUC of the probabilities resized to native size, and Acc and Sen of their thickened mask
     (authors_vessel_mask), over the whole image, 1st annotator. Returns (row, native-size probabilities)."""
     shape = sample.label.shape
-    prob_native = F.interpolate(prob[None].float(), size=tuple(shape), mode="bilinear", align_corners=False)[0]
+    prob_native = authors_native_probabilities(prob, shape)
     mask = authors_vessel_mask(prob, shape, threshold)
     label = as_device_tensor(sample.label > 0, prob_native.device)
     row = {"whole AUC": roc_auc(prob_native[0].float().flatten(), label.flatten())}
@@ -96,6 +104,6 @@ AUTHORS_NOTES = ("The authors' protocol (their test_cenet.py): whole image again
                  "of the mask thresholded at the network's size, resized to native size and kept above 20/255 "
                  "(which thickens vessels).")
 
-DRIVE = Dataset(read_drive, num_classes=1, score=score_vessels, notes=NOTES,
-                authors_score=score_vessels_as_authors, authors_notes=AUTHORS_NOTES,
+DRIVE = Dataset(read_drive, num_classes=1, score=score_vessels, notes=NOTES, fov_diameter=fov.DRIVE_FOV_DIAMETER,
+                authors_score=score_vessels_as_authors, authors_notes=AUTHORS_NOTES, family="fundus vessels",
                 source="DRIVE, https://drive.grand-challenge.org (registration required)")

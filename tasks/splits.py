@@ -10,14 +10,18 @@ from tasks.files import IMAGE_SUFFIXES, natural_key
 
 @dataclass(frozen=True)
 class SplitOptions:
-    """The settings that decide which images a split holds and how they are cut."""
+    """The settings that decide which images a split holds, how they are cut and how their labels read."""
     fold: int = 0            # FOLD: which fold is the test set, for datasets evaluated by k-fold
     num_folds: int = 5       # NUM_FOLDS
     crop_size: int = 800     # CROP_SIZE: optic disc crop side (ORIGA, Messidor)
+    folder_classes: int = 0  # FOLDER_CLASSES: --dataset folder's declared class count (0: its labels decide)
+    class_values: tuple = ()  # CLASS_VALUES: stored label values of classes 0..K-1, as a run recorded them
 
     @classmethod
     def from_settings(cls, settings):
-        return cls(fold=settings["FOLD"], num_folds=settings["NUM_FOLDS"], crop_size=settings["CROP_SIZE"])
+        return cls(fold=settings["FOLD"], num_folds=settings["NUM_FOLDS"], crop_size=settings["CROP_SIZE"],
+                   folder_classes=settings.get("FOLDER_CLASSES", 0),
+                   class_values=tuple(settings.get("CLASS_VALUES") or ()))
 
 
 SPLIT_SEED = 2019

@@ -192,3 +192,78 @@ def write_oct(root, train=("vol01_b064", "vol01_b128", "vol02_b064"), test=("vol
         write_lines(root / "train.txt", train)
         write_lines(root / "test.txt", test)
     return root
+
+
+# --- CHASE_DB1 retinal vessels ---------------------------------------------------------------------------
+
+CHASE_NAMES = tuple(f"{child:02d}{eye}" for child in range(1, 15) for eye in "LR")
+
+
+def vessel_fundus(height, width, seed):
+    """A red fundus disc on black with three dark vessel lines; returns (image, field, first, second): the
+    vessels as the first annotator draws them, and the second's, who also marks a thin fourth vessel."""
+    generator = np.random.default_rng(seed)
+    field = disc_mask(height, width, (height / 2, width / 2), 0.45 * min(height, width))
+    first = np.zeros((height, width), bool)
+    for row in (height // 3, height // 2, 2 * height // 3):
+        first[row + seed % 3:row + seed % 3 + 2, width // 6:5 * width // 6] = True
+    first &= field
+    second = first.copy()
+    second[height // 6:5 * height // 6, width // 2] = True
+    second &= field
+    image = np.zeros((height, width, 3), np.uint8)
+    image[field] = (150, 60, 25)
+    image[first] = (70, 20, 10)
+    noise = generator.integers(0, 10, size=image.shape, dtype=np.uint8)
+    return np.where(field[..., None], image + noise, image).astype(np.uint8), field, first, second
+
+
+def write_chase(root, names=CHASE_NAMES, size=(48, 50)):
+    """CHASE_DB1 as distributed, one flat folder: Image_01L.jpg (RGB JPEG), Image_01L_1stHO.png and
+    Image_01L_2ndHO.png (1-bit PNGs, as the real masks are), ... Image_14R; 999 x 960 there, tiny here."""
+    root = Path(root)
+    height, width = size
+    for index, name in enumerate(names):
+        image, _, first, second = vessel_fundus(height, width, seed=index)
+        save(image, root / f"Image_{name}.jpg")
+        save(first, root / f"Image_{name}_1stHO.png")    # a bool array is saved as a mode "1" (1-bit) PNG
+        save(second, root / f"Image_{name}_2ndHO.png")
+    return root
+
+
+# --- Drishti-GS1 optic disc and cup ------------------------------------------------------------------------
+
+DRISHTI_TRAIN = ("drishtiGS_002", "drishtiGS_004")
+DRISHTI_TEST = ("drishtiGS_001", "drishtiGS_003")
+DRISHTI_EXPERTS = 4
+
+
+def soft_map(height, width, centre, radii):
+    """An 8-bit soft map as Drishti-GS1 stores it: per pixel the fraction of experts who marked it, x 255
+    (0, 64, 128, 191, 255 for 0 ... 4 of 4), expert k drawing a disc of radii[k]."""
+    votes = sum(disc_mask(height, width, centre, radius).astype(np.float32) for radius in radii)
+    return np.round(votes / len(radii) * 255).astype(np.uint8)
+
+
+def drishti_centre(height, width, index):
+    """Near where Drishti-GS1's discs sit (about 0.54 of the height, 0.49 of the width), a little apart."""
+    return (round(0.54 * height) + 3 * index - 4, round(0.49 * width) + 4 * index - 6)
+
+
+def write_drishti(root, train=DRISHTI_TRAIN, test=DRISHTI_TEST, size=(112, 128)):
+    """The official Drishti-GS1_files layout: Training/Images/<name>.png, Training/GT/<name>/SoftMap/
+    <name>_ODsegSoftmap.png and <name>_cupsegSoftmap.png (8-bit grey soft maps), <name>_cdrValues.txt; the
+    same under Test/ with Test/Test_GT/. Four experts draw the disc with radii 13 ... 16 and the cup with
+    5 ... 8, so the soft map's >= 0.5 region (2 of 4) is the third expert's: disc radius 15, cup radius 7."""
+    root = Path(root)
+    height, width = size
+    for index, name in enumerate((*train, *test)):
+        folder, gt_folder = ("Training", "GT") if name in train else ("Test", "Test_GT")
+        centre = drishti_centre(height, width, index)
+        image, _ = fundus(height, width, centre, 15, seed=200 + index)
+        save(image, root / folder / "Images" / f"{name}.png")
+        maps = root / folder / gt_folder / name / "SoftMap"
+        save(soft_map(height, width, centre, (13, 14, 15, 16)), maps / f"{name}_ODsegSoftmap.png")
+        save(soft_map(height, width, centre, (5, 6, 7, 8)), maps / f"{name}_cupsegSoftmap.png")
+        write_lines(root / folder / gt_folder / name / f"{name}_cdrValues.txt", ["0.50 0.45 0.48 0.47"])
+    return root

@@ -20,8 +20,9 @@ import framework
 import inference
 import networks
 import tasks
-from conftest import run_script
+from conftest import DRIVE, run_script
 from errors import UserError
+from tasks.files import read_image
 
 DECODERS = {4: (516, 256), 3: (256, 128), 2: (128, 64), 1: (64, 64)}  # in, out channels (theirs)
 
@@ -174,6 +175,62 @@ def test_authors_preprocessing_by_hand():
     steps = np.array([[0, 0, 100, 100]], np.uint8).repeat(4, 0)[:, :, None].repeat(3, 2)
     assert data.resize_image(steps, 2, "authors")[0, 0].tolist() == [0, 100]
     assert data.resize_image(steps, 2, "ours")[0, 0].tolist() != [0, 100]  # antialiased: edges blend
+
+
+def authors_input_image():
+    """(path or None, RGB uint8 image) of DRIVE's test image 01 where DRIVE is here, else a random image of its
+    565 x 584 size (the resize's rounding is only exercised on many different grey levels)."""
+    path = DRIVE / "test" / "images" / "01_test.tif"
+    if path.is_file():
+        return path, read_image(path)
+    return None, np.random.default_rng(1).integers(0, 256, (584, 565, 3), dtype=np.uint8)
+
+
+def test_authors_input_is_opencv_bit_for_bit():
+    """What test_cenet.py feeds their network: cv2.imread (BGR uint8), cv2.resize(img, (448, 448)) with its
+    default INTER_LINEAR, then float32 / 255 * 3.2 - 1.6. The "authors" preprocessing must give the same bits."""
+    import cv2
+    path, image = authors_input_image()
+    bgr = cv2.imread(str(path)) if path is not None else np.ascontiguousarray(image[..., ::-1])
+    assert np.array_equal(bgr[..., ::-1], image)  # PIL and OpenCV decode the same pixels
+    theirs = cv2.resize(bgr, (448, 448))
+    ours = data.resize_image(image, 448, "authors")
+    assert ours.dtype == torch.uint8 and ours.shape == (3, 448, 448)
+    assert np.array_equal(ours.permute(1, 2, 0).numpy(), theirs[..., ::-1])
+    their_input = torch.from_numpy(np.array(theirs, np.float32).transpose(2, 0, 1) / 255.0 * 3.2 - 1.6)
+    assert torch.equal(data.normalize(ours[None], "authors")[0], their_input)
+    # A non-square size is (height, width) here and (width, height) to OpenCV.
+    assert np.array_equal(data.resize_image(image, (320, 256), "authors").permute(1, 2, 0).numpy(),
+                          cv2.resize(np.ascontiguousarray(image), (256, 320)))
+
+
+def test_ours_and_clahe_never_touch_opencv(monkeypatch):
+    """The committed tables' preprocessings keep their own resize: OpenCV is the authors' way only."""
+    def refuse(*args):
+        raise AssertionError("ours/clahe must not resize with OpenCV")
+    monkeypatch.setattr(data, "opencv_resize", refuse)
+    image = np.random.default_rng(2).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    for preprocess in ("ours", "clahe"):
+        enhanced = torch.from_numpy(data.enhance(image, preprocess)).permute(2, 0, 1)[None].float()
+        expected = F.interpolate(enhanced, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+        assert torch.equal(data.resize_image(image, 64, preprocess), expected[0].round().clamp(0, 255).byte())
+
+
+def test_authors_protocol_resizes_with_opencv_in_float():
+    """test_cenet.py resizes two float32 maps with cv2.resize: the 0/255 mask thresholded at the network's size
+    (three channels, kept above 20) and the sum of the 8 TTA views (divided by 8 for the AUC). Float32 in, float32
+    out: OpenCV rounds nothing, so neither do we."""
+    import cv2
+    from tasks.drive import authors_native_probabilities, authors_vessel_mask
+    prob = torch.rand(1, 448, 448, generator=torch.Generator().manual_seed(4))
+    total = prob[0].numpy() * 8  # their sum of 8 views; times 8 is exact in floating point
+    mask = np.where(total > 4, 255, 0).astype(np.float32)
+    theirs = cv2.resize(np.repeat(mask[:, :, None], 3, axis=2), dsize=(565, 584))
+    assert theirs.dtype == np.float32
+    assert torch.equal(authors_vessel_mask(prob, (584, 565)), torch.from_numpy(theirs[:, :, 0] > 20))
+    native = authors_native_probabilities(prob, (584, 565))
+    assert native.shape == (1, 584, 565)
+    assert torch.equal(native[0], torch.from_numpy(cv2.resize(total, dsize=(565, 584)) / 8.0))
 
 
 def settings_with(**overrides):

@@ -1,0 +1,475 @@
+"""Segmenting any images with a trained or released model: the work behind predict.py.
+
+Inputs are image files and folders of them (PNG, JPEG, TIFF, BMP, GIF, PPM/PGM; not searched
+recursively). Every image becomes the (H, W, 3) uint8 RGB that test.py's readers give: grey is
+repeated over three channels, a palette is expanded, transparency is composited over black (the colour
+of a fundus surround), and 16-bit, 32-bit or float pixels are stretched from their own minimum to their
+own maximum (so a 12-bit scan is not clipped to white nor left nearly black). A multi-page TIFF gives
+one image per page, named <stem>_p1, <stem>_p2, ...; every other image is named by its file stem.
+
+The model sees each image exactly as test.py shows a test image (inference.predict_samples, with the
+checkpoint's preprocessing, input size or native resolution, and PATCH_SCALE), one image at a time, so
+any size and aspect ratio works.
+
+Field of view (--fov): for fundus models (tasks.fundus_datasets()) pixels outside the camera's
+field of view are set to 0 in every output. `auto` (their default) estimates it with fov.estimate_fov;
+a folder gives a mask per image, matched by stem (<stem>.png, <stem>_mask.gif, <stem>_fov.tif, ...;
+nonzero = inside); `none` (the default of every other model) keeps the whole image.
+
+Scale (--scale): 1 keeps each image's size. A number resizes the image by that factor before
+prediction; `auto` (fundus models only) picks, per image, the factor that gives its field of view the
+diameter of the model's training images (DRIVE: fov.DRIVE_FOV_DIAMETER, 540 px; CHASE_DB1: 915 px): a
+3000-px-wide fundus photograph is shrunk and a small one enlarged, so vessels come out as wide as the
+model knows them (the DRIVE model on CHASE_DB1's 999 x 960 images: 1.4 % of the FOV found as vessel at
+scale 1, 5.2 % at auto, about 0.59). With --fov none, auto still measures the diameter on
+fov.estimate_fov's mask. The probabilities are resized back to the native size (antialiased bilinear),
+so every output has the input's size. For models that resize every image to IMAGE_SIZE (PATCH_SIZE 0)
+the scale has no effect and is ignored with a notice.
+
+Outputs under OUT, per image: <name>_prob.png (probability x 255), <name>_mask.png (0/255 at the
+threshold) and <name>_overlay.png (the predicted vessels drawn over the darkened image, the field of
+view's edge outlined); a multi-class model writes <name>_classes.png (the class index of each pixel)
+and a colour <name>_overlay.png instead. --save-float adds <name>_prob.tif, float32 probabilities
+((K, H, W) for K classes). predictions.csv has a row per image, written as each image is done.
+A file that cannot be decoded is reported in one warning line and skipped; the rest are written.
+"""
+import csv
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch.nn.functional as F
+from PIL import Image, ImageSequence
+from scipy import ndimage
+
+import data
+import devices
+import evaluation
+import fov
+import inference
+import report
+from errors import UserError
+import tasks
+from tasks.files import MASK_SUFFIXES, TIFF_SUFFIXES, check_same_size, natural_key, read_mask
+from tasks.sample import Sample
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_CHECKPOINT = REPO / "weights" / "released" / "cenet_drive_cpu_clahe.pth"
+
+INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pnm")
+
+# Endings a field-of-view mask may add to its image's stem (DRIVE: 01_test.tif -> 01_test_mask.gif).
+MASK_ENDINGS = ("", "_mask", "_fov")
+
+# --scale factors outside this range are almost surely a typo (and 10 x a photograph does not fit memory).
+SCALE_RANGE = (0.1, 10.0)
+
+CSV_COLUMNS = ("input", "name", "width", "height", "fov", "fov_fraction", "scale", "foreground_fraction",
+               "seconds")
+
+VESSEL_COLOUR = np.array([60, 255, 60], np.uint8)    # green stands out on a red fundus
+FOV_EDGE_COLOUR = np.array([40, 140, 255], np.uint8)
+
+# Class colours of a multi-class overlay (class 0, the background, is left undrawn); repeats past 10.
+CLASS_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
+                          [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
+                          [250, 190, 190]], np.uint8)
+
+
+class UnreadableImage(UserError):
+    """An input file that cannot be decoded: warned about and skipped, the others still predicted."""
+
+
+# --------------------------------------------------------------------------------------------
+# Choices
+# --------------------------------------------------------------------------------------------
+
+def fov_choice(text, dataset):
+    """"auto", "none" or a mask folder (Path); None means the default for `dataset`'s model."""
+    if text is None:
+        return "auto" if dataset in tasks.fundus_datasets() else "none"
+    if text in ("auto", "none"):
+        return text
+    folder = Path(text)
+    if not folder.is_dir():
+        raise UserError(f"--fov {text}: expected auto, none or a folder of field-of-view masks, and there is "
+                        f"no folder {folder}")
+    return folder
+
+
+def scale_choice(text):
+    """"auto" or a factor in SCALE_RANGE."""
+    if text == "auto":
+        return text
+    try:
+        factor = float(text)
+    except ValueError:
+        raise UserError(f"--scale {text}: expected auto or a number such as 1 or 0.5")
+    if not SCALE_RANGE[0] <= factor <= SCALE_RANGE[1]:
+        raise UserError(f"--scale {text} is out of range: it must be auto or in "
+                        f"[{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}]")
+    return factor
+
+
+def effective_scale(choice, settings):
+    """The scale choice a model can use: a model that resizes every image to IMAGE_SIZE ignores it."""
+    if choice != 1 and not settings["PATCH_SIZE"]:
+        shown = choice if choice == "auto" else f"{choice:g}"
+        print(f"notice: --scale {shown} ignored: this model resizes every image to {settings['IMAGE_SIZE']} px "
+              f"(PATCH_SIZE 0), whatever its size", file=sys.stderr)
+        return 1.0
+    return choice
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and the output folder
+# --------------------------------------------------------------------------------------------
+
+def collect_inputs(paths):
+    """The image files named by `paths` (files as given, folders' images in natural order); one error
+    for a missing path, a folder without images, or two inputs whose outputs would share a name."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted((item for item in path.iterdir() if item.is_file() and not item.name.startswith(".")
+                            and item.suffix.lower() in INPUT_SUFFIXES), key=lambda item: natural_key(item.name))
+            if not found:
+                raise UserError(f"no images ({', '.join(INPUT_SUFFIXES)}) in folder {path}")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"input {path} not found")
+    seen = {}
+    for path in files:
+        if path.stem in seen and seen[path.stem].resolve() != path.resolve():
+            raise UserError(f"{seen[path.stem]} and {path} would both be written as {path.stem}_*; rename one "
+                            f"or predict them in separate runs")
+        seen[path.stem] = path
+    return list({path.resolve(): path for path in files}.values())  # a file named twice is predicted once
+
+
+def check_output_folder(out, overwrite):
+    """Refuse a non-empty OUT unless `overwrite`: nothing a user already has there is replaced by accident."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file; choose a folder with -o")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output folder {out} is not empty; choose a new folder, or pass --overwrite to replace "
+                        f"same-named files in it")
+
+
+def make_output_folder(out):
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create output folder {out} ({error.strerror or error})")
+    return Path(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading any image as RGB uint8
+# --------------------------------------------------------------------------------------------
+
+def read_pages(path):
+    """[(name, (H, W, 3) uint8 RGB)] of one input file: one entry, or one per page of a multi-page TIFF.
+    Raises UnreadableImage for a file that cannot be decoded."""
+    path = Path(path)
+    try:
+        arrays = read_tiff_pages(path) if path.suffix.lower() in TIFF_SUFFIXES else [read_with_pil(path)]
+        images = [to_rgb8(array) for array in arrays]
+    except UnreadableImage:
+        raise
+    except Exception as error:  # decoders raise many unrelated types for a damaged file
+        raise UnreadableImage(f"cannot read {path}: {first_line(error)}")
+    if not images:
+        raise UnreadableImage(f"cannot read {path}: it holds no image")
+    if len(images) == 1:
+        return [(path.stem, images[0])]
+    return [(f"{path.stem}_p{number}", image) for number, image in enumerate(images, start=1)]
+
+
+def first_line(error):
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
+def read_tiff_pages(path):
+    """Each full-resolution page of a TIFF at its stored depth. tifffile reads 16-bit colour, float and
+    planar pages that PIL cannot; PIL reads the compressions tifffile needs the optional imagecodecs
+    package for (DRIVE's LZW)."""
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            return [tiff_page_array(page) for page in tiff.pages if not page.is_reduced]
+    except Exception:
+        with Image.open(path) as image:
+            return [pil_array(frame) for frame in ImageSequence.Iterator(image)]
+
+
+def tiff_page_array(page):
+    array = page.asarray()
+    if page.planarconfig == 2 and array.ndim == 3:  # separate planes: (samples, H, W)
+        array = np.moveaxis(array, 0, -1)
+    return array
+
+
+def read_with_pil(path):
+    with Image.open(path) as image:
+        if image.format == "PNG" and image.tile and str(image.tile[0][3]).endswith(";16B"):
+            return read_deep_colour_png(path)
+        return pil_array(image)
+
+
+def read_deep_colour_png(path):
+    """A 16-bit colour PNG at full depth: PIL keeps only the high byte of each value, which leaves a 12-bit
+    photograph nearly black; OpenCV reads all 16 bits (in BGR order)."""
+    import cv2
+    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise UnreadableImage(f"cannot read {path}: OpenCV could not decode it")
+    order = [2, 1, 0, 3][:array.shape[-1]]
+    return array[..., order]
+
+
+def pil_array(image):
+    """Pixels of a PIL image as an array: 8-bit modes as RGB or RGBA, deeper grey modes as stored."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return np.array(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        return np.array(image.convert("RGBA"))
+    return np.array(image.convert("RGB"))
+
+
+def to_rgb8(array):
+    """(H, W), (H, W, 1..4+) of any dtype -> (H, W, 3) uint8 (see the module docstring)."""
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        return np.repeat(stretch_to_uint8(array)[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[-1] < 2:
+        raise UnreadableImage(f"pixel array of shape {array.shape} is not a 2-D grey or colour image")
+    if array.shape[-1] == 2:  # grey and alpha
+        array = np.concatenate([np.repeat(array[..., :1], 3, axis=2), array[..., 1:]], axis=2)
+    colour = stretch_to_uint8(array[..., :3])
+    if array.shape[-1] == 3:
+        return colour
+    alpha = stretch_to_uint8(array[..., 3]) if array.dtype != np.uint8 else array[..., 3]
+    # Over black: a transparent surround becomes the dark background a fundus model expects.
+    return np.round(colour * (alpha[..., None] / 255.0)).astype(np.uint8)
+
+
+def stretch_to_uint8(array):
+    """8-bit data as stored; bool as 0/255; any other depth from its own minimum (0) to maximum (255),
+    non-finite values as the minimum. A constant image is black."""
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    values = array.astype(np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(array.shape, np.uint8)
+    low, high = values[finite].min(), values[finite].max()
+    if high <= low:
+        return np.zeros(array.shape, np.uint8)
+    values = np.where(finite, values, low)
+    return np.round((values - low) * (255 / (high - low))).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Field of view and scale
+# --------------------------------------------------------------------------------------------
+
+def mask_files(folder):
+    """{lower-case stem: path} of the masks in `folder` (lossless formats only: JPEG smears the edge)."""
+    return {path.stem.lower(): path for path in sorted(Path(folder).iterdir())
+            if path.is_file() and path.suffix.lower() in MASK_SUFFIXES and not path.name.startswith(".")}
+
+
+def find_mask(masks, folder, names):
+    """The mask for the first of `names` (page name, then file stem) found with one of MASK_ENDINGS."""
+    for name in names:
+        for ending in MASK_ENDINGS:
+            if f"{name}{ending}".lower() in masks:
+                return masks[f"{name}{ending}".lower()]
+    raise UserError(f"no field-of-view mask for {names[-1]} in {folder}: expected {Path(folder) / names[-1]}.png "
+                    f"or {names[-1]}_mask.png (or {', '.join(suffix for suffix in MASK_SUFFIXES if suffix != '.png')})")
+
+
+def check_masks_exist(choice, files):
+    """With a mask folder, every input file needs a mask (its own, or one per page): fail before predicting."""
+    if not isinstance(choice, Path):
+        return
+    masks = mask_files(choice)
+    for path in files:
+        if any(key.startswith(f"{path.stem.lower()}_p") for key in masks):
+            continue  # masks per page of a multi-page file, checked page by page
+        find_mask(masks, choice, [path.stem])
+
+
+def field_of_view(choice, image, name, stem, masks):
+    """(bool mask, what the CSV calls it) for one image under --fov `choice`."""
+    if choice == "none":
+        return np.ones(image.shape[:2], bool), "none"
+    if choice == "auto":
+        return fov.estimate_fov(image), "auto"
+    path = find_mask(masks, choice, [name, stem])
+    mask = read_mask(path)
+    check_same_size(image, mask, f"image {name}", path)
+    return mask, path.name
+
+
+def reference_diameter(choice, dataset):
+    """The FOV diameter --scale auto brings images to: that of the fundus dataset the model was trained on."""
+    if choice != "auto":
+        return None
+    reference = tasks.dataset(dataset).fov_diameter
+    if reference is None:
+        raise UserError(f"--scale auto matches a fundus photograph's field of view to the training images' "
+                        f"({', '.join(tasks.fundus_datasets())}), and this model was trained on {dataset!r}; "
+                        f"give a factor such as --scale 0.5 instead")
+    return reference
+
+
+def image_scale(choice, image, mask, fov_used, reference):
+    """The resize factor for one image: a fixed factor, or (auto) the one giving its FOV the `reference`
+    diameter."""
+    if choice != "auto":
+        return choice
+    if fov_used == "none":
+        mask = fov.estimate_fov(image)
+    return fov.scale_to_match(mask, reference)
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction
+# --------------------------------------------------------------------------------------------
+
+def segment(model, image, scale, settings, device, fmt):
+    """(K, H, W) float32 probabilities at the image's native size, predicted along test.py's path
+    (inference.predict_samples) on the image resized by `scale`."""
+    shape = image.shape[:2]
+    if scale != 1:
+        # The raw pixels are resized; the preprocessing (CLAHE) then runs at the new size, as in test.py.
+        image = data.resize_image(image, data.scaled_shape(shape, scale), "ours").permute(1, 2, 0).numpy()
+    # The label only tells the inference code the image's size; it is never looked at.
+    sample = Sample("input", image, np.zeros(image.shape[:2], np.uint8))
+    prob = inference.predict_samples(model, [sample], device, image_size=settings["IMAGE_SIZE"],
+                                     patch_size=settings["PATCH_SIZE"], tta=settings["TTA"], amp=settings["AMP"],
+                                     fmt=fmt, preprocess=settings["PREPROCESS"],
+                                     patch_scale=settings["PATCH_SCALE"], images_per_chunk=1)[0]
+    if tuple(prob.shape[-2:]) != shape:
+        prob = F.interpolate(prob[None], size=shape, mode="bilinear", antialias=True, align_corners=False)[0]
+    return prob.numpy().astype(np.float32)
+
+
+def fov_edge(mask):
+    """The inner rim of the field of view, about 1/300 of the image's side wide (at least 1 px)."""
+    width = max(1, min(mask.shape) // 300)
+    return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=1)
+
+
+def pictures(image, prob, mask, threshold):
+    """{file ending: array} for one image; `prob` is already zero outside the field of view."""
+    if prob.shape[0] == 1:
+        foreground = prob[0] > threshold
+        overlay = (image * 0.6).astype(np.uint8)
+        overlay[foreground] = VESSEL_COLOUR
+        if not mask.all():
+            overlay[fov_edge(mask)] = FOV_EDGE_COLOUR
+        return {"prob.png": (prob[0] * 255).round().astype(np.uint8),
+                "mask.png": foreground.astype(np.uint8) * 255, "overlay.png": overlay}
+    classes = np.where(mask, prob.argmax(0), 0).astype(np.uint8)
+    colours = CLASS_COLOURS[np.where(classes == 0, 0, (classes - 1) % (len(CLASS_COLOURS) - 1) + 1)]
+    drawn = classes > 0
+    overlay = image.copy()
+    overlay[drawn] = (image[drawn] * 0.5 + colours[drawn] * 0.5).astype(np.uint8)
+    return {"classes.png": classes, "overlay.png": overlay}
+
+
+def foreground_fraction(prob, mask, threshold):
+    """The share of field-of-view pixels predicted as foreground (any class but 0); None for an empty FOV."""
+    inside = int(mask.sum())
+    if inside == 0:
+        return None
+    foreground = prob[0] > threshold if prob.shape[0] == 1 else prob.argmax(0) > 0
+    return float((foreground & mask).sum() / inside)
+
+
+def write_image_outputs(out, name, image, prob, mask, threshold, save_float):
+    for ending, picture in pictures(image, prob, mask, threshold).items():
+        report.save_png(picture, out / f"{name}_{ending}")
+    if save_float:
+        tifffile.imwrite(out / f"{name}_prob.tif", prob[0] if prob.shape[0] == 1 else prob)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+def prepare_model(checkpoint, settings, given):
+    """(model on its device, settings, device, memory format), as evaluation.evaluate prepares them."""
+    model, settings, _ = evaluation.load_model(checkpoint, settings, given)
+    data.check_image_size(settings["PATCH_SIZE"] or settings["IMAGE_SIZE"])
+    device = devices.select_device(settings["DEVICE"])
+    devices.configure_speed(device, settings["DETERMINISTIC"])
+    fmt = devices.inference_memory_format(device, settings["CHANNELS_LAST"])
+    return model.to(device, memory_format=fmt), settings, device, fmt
+
+
+def csv_row(path, name, image, fov_used, mask, scale, fraction, seconds):
+    return {"input": str(path), "name": name, "width": image.shape[1], "height": image.shape[0], "fov": fov_used,
+            "fov_fraction": f"{mask.mean():.4f}", "scale": f"{scale:.4f}",
+            "foreground_fraction": "" if fraction is None else f"{fraction:.4f}", "seconds": f"{seconds:.3f}"}
+
+
+def predict_files(inputs, out, checkpoint, settings, given, fov_text=None, scale_text="1", save_float=False,
+                  overwrite=False):
+    """Predict every input and write the outputs; returns (rows written, warnings about skipped files, OUT)."""
+    from tqdm import tqdm
+    files = collect_inputs(inputs)
+    check_output_folder(out, overwrite)
+    scale_wanted = scale_choice(scale_text)
+    fov_given = None if fov_text is None else fov_choice(fov_text, None)
+    check_masks_exist(fov_given, files)  # all of these before the model loads: a typo fails at once
+    model, settings, device, fmt = prepare_model(checkpoint, settings, given)
+    fov_wanted = fov_given or fov_choice(None, settings["DATASET"])
+    scale_wanted = effective_scale(scale_wanted, settings)
+    reference = reference_diameter(scale_wanted, settings["DATASET"])
+    masks = mask_files(fov_wanted) if isinstance(fov_wanted, Path) else {}
+    out = make_output_folder(out)  # only now: a bad flag or checkpoint leaves no empty folder
+
+    rows, skipped, names = [], [], set()
+    with open(out / "predictions.csv", "w", newline="") as table:
+        writer = csv.DictWriter(table, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for path in tqdm(files, desc="predict", unit="file", file=sys.stderr, dynamic_ncols=True):
+            start = time.perf_counter()
+            try:
+                pages = read_pages(path)
+            except UnreadableImage as error:
+                skipped.append(str(error))
+                tqdm.write(f"warning: skipped: {error}", file=sys.stderr)
+                continue
+            read_seconds = (time.perf_counter() - start) / len(pages)
+            for name, image in pages:
+                if name in names:  # a page name equal to another file's stem
+                    skipped.append(f"{path}: page {name} has the name of another input")
+                    tqdm.write(f"warning: skipped page {name} of {path}: another input has that name", file=sys.stderr)
+                    continue
+                names.add(name)
+                page_start = time.perf_counter()
+                mask, fov_used = field_of_view(fov_wanted, image, name, path.stem, masks)
+                scale = image_scale(scale_wanted, image, mask, fov_used, reference)
+                prob = segment(model, image, scale, settings, device, fmt)
+                prob[:, ~mask] = 0
+                write_image_outputs(out, name, image, prob, mask, settings["THRESHOLD"], save_float)
+                fraction = foreground_fraction(prob, mask, settings["THRESHOLD"])
+                seconds = read_seconds + time.perf_counter() - page_start
+                rows.append(csv_row(path, name, image, fov_used, mask, scale, fraction, seconds))
+                writer.writerow(rows[-1])
+                table.flush()  # a stopped run still leaves the rows of the images it finished
+    return rows, skipped, out

@@ -1,0 +1,321 @@
+"""Your own data (--dataset folder): the folder layout of docs/folder_dataset.md, the classes its labels decide,
+and binary or multi-class scoring.
+
+    ROOT/train/images/<name>.<any image format>     ROOT/test/images/...   (optional: without it, k-fold over
+    ROOT/train/labels/<name>.<lossless format>      ROOT/test/labels/...    train with FOLD and NUM_FOLDS)
+    ROOT/train/masks/<name>.<lossless format>       ROOT/test/masks/...    (optional: region to score inside)
+
+The classes are decided once, before training, from the labels of ROOT/train (or declared with FOLDER_CLASSES),
+and recorded in the checkpoint as CLASS_VALUES, so test.py reads every label the way training did.
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from errors import UserError
+from metrics import as_device_tensor, binary_metrics_and_roc, dice_coefficient, nanmean_rows, overlap_error, \
+    thin_curve
+from tasks.files import IMAGE_SUFFIXES, MASK_SUFFIXES, TIFF_SUFFIXES, check_same_size, files_by_stem, \
+    grey_to_rgb, image_files, read_array, read_image, read_mask, window_to_uint8
+from tasks.sample import Dataset, Sample
+from tasks.splits import fold_names
+
+LAYOUT = "ROOT/train/images and ROOT/train/labels (see docs/folder_dataset.md)"
+LOSSY_SUFFIXES = tuple(suffix for suffix in IMAGE_SUFFIXES if suffix not in MASK_SUFFIXES)
+
+# More distinct values than this in the training labels is far more likely a grey picture (or a JPEG-smoothed
+# mask) saved as a label than that many classes; a real many-class set declares its count (FOLDER_CLASSES).
+MAX_INFERRED_CLASSES = 32
+MAX_CLASSES = 256  # class maps are held as uint8
+
+
+# --- the layout ----------------------------------------------------------------------------------------------
+
+def split_folder(root, split):
+    """(folder holding `split`'s files, whether the split is a fold of it): ROOT/test for the test split when
+    there is a test folder, else ROOT/train, cut into folds when there is no test folder."""
+    has_test = (root / "test").is_dir()
+    if split == "test" and has_test:
+        return root / "test", False
+    return root / "train", not has_test
+
+
+def require_folder(folder, what):
+    if not folder.is_dir():
+        extra = "; remove ROOT/test to test by k-fold over ROOT/train instead" if folder.parent.name == "test" else ""
+        raise UserError(f"{what} folder {folder} not found: the folder dataset needs {LAYOUT}{extra}")
+    return folder
+
+
+def annotation_files(folder, what):
+    """{stem: path} of the lossless files in `folder`, refusing a lossy one outright: JPEG changes the stored
+    values along every edge, which turns a class map into noise."""
+    lossy = files_by_stem(folder, LOSSY_SUFFIXES)
+    found = files_by_stem(folder, MASK_SUFFIXES)
+    for stem, path in lossy.items():
+        if stem not in found:
+            raise UserError(f"{what} {path} is a lossy {path.suffix} file, whose compression changes the values "
+                            f"along every edge; save it losslessly as {folder / stem}.png")
+    return found
+
+
+def paired_file(name, image_path, files, folder, what):
+    if name not in files:
+        raise UserError(f"{what} for image {image_path} missing: expected {folder / name}"
+                        f" with one of {', '.join(MASK_SUFFIXES)}")
+    return files[name]
+
+
+def root_folders(root):
+    """The training images and labels folders of a folder dataset, with one clear error for each missing part."""
+    if not root.is_dir():
+        raise UserError(f"folder dataset root {root} does not exist; put your data there as {LAYOUT}, "
+                        f"or pass --data-root PATH")
+    train = require_folder(root / "train", "training")
+    return require_folder(train / "images", "training images"), require_folder(train / "labels", "training labels")
+
+
+# --- reading -------------------------------------------------------------------------------------------------
+
+DEEP_PIL_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def read_picture(path):
+    """An image as RGB uint8: 8-bit files as stored (grey and palette converted to RGB); deeper ones (16-bit PNG,
+    16-bit or float TIFF) windowed to 8 bits per image between their own percentiles, as the CT readers do, so
+    a 12-bit scan is not clipped to white."""
+    if Path(path).suffix.lower() in TIFF_SUFFIXES or pil_mode(path) in DEEP_PIL_MODES:
+        return array_to_rgb(read_array(path), path)
+    return read_image(path)
+
+
+def pil_mode(path):
+    try:
+        with Image.open(path) as image:
+            return image.mode
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise UserError(f"cannot read image {path}: {error}. Replace the file with an intact copy.")
+
+
+def array_to_rgb(array, path):
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        colour = array[..., :3]
+        return np.ascontiguousarray(colour if colour.dtype == np.uint8 else window_to_uint8(colour))
+    if array.ndim != 2:
+        raise UserError(f"image {path} has shape {array.shape}; expected one 2-D grey or colour image")
+    return grey_to_rgb(array if array.dtype == np.uint8 else window_to_uint8(array))
+
+
+def read_stored_label(path):
+    """A label's stored values as an (H, W) integer array. A colour label counts a pixel by its strongest channel
+    (a red-on-black mask reads as its red values), unless that would merge two of its colours into one class."""
+    array = read_array(path)
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        colour = array[..., :3]
+        strongest = colour.max(axis=-1)
+        if distinct_colours(colour) > len(np.unique(strongest)):
+            raise UserError(f"label {path} is a colour image whose colours would merge into one class (e.g. pure "
+                            f"red and pure green); save it as a grey or palette image of one value per class")
+        array = strongest
+    if array.ndim != 2:
+        raise UserError(f"label {path} has shape {array.shape}; expected one 2-D label image")
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.array_equal(array, np.round(array)):
+            raise UserError(f"label {path} holds fractional values ({array.dtype}); a label stores one whole "
+                            f"number per class")
+        array = array.astype(np.int64)
+    return array
+
+
+def distinct_colours(colour):
+    if colour.dtype == np.uint8:
+        codes = (colour[..., 0].astype(np.uint32) << 16) | (colour[..., 1].astype(np.uint32) << 8) | colour[..., 2]
+        return len(np.unique(codes))
+    return len(np.unique(colour.reshape(-1, 3), axis=0))
+
+
+def stored_values(array):
+    """The distinct values of an integer label; a histogram for 8-bit labels, much faster than sorting."""
+    if array.dtype == np.uint8:
+        return set(np.flatnonzero(np.bincount(array.ravel(), minlength=256)).tolist())
+    return set(np.unique(array).tolist())
+
+
+def is_binary(values):
+    """Two classes with 0 as background: every nonzero stored value is foreground, the rule of every reader here
+    (so labels saved as 0/1 and as 0/255 read the same, whatever the training labels held)."""
+    return len(values) == 2 and values[0] == 0
+
+
+def to_classes(stored, values, path):
+    """Stored label values -> class map 0..K-1 (the index of each value in `values`), one clear error for a
+    value that is none of the classes."""
+    if is_binary(values):
+        return (stored != 0).astype(np.uint8)
+    table = np.asarray(values)
+    index = np.minimum(np.searchsorted(table, stored), len(table) - 1)
+    outside = table[index] != stored
+    if outside.any():
+        raise UserError(f"label {path} has value {int(stored[outside][0])}, which is none of the "
+                        f"{describe_values(values)}; fix the annotation, or declare the classes with "
+                        f"--folder-classes K (labels 0..K-1, docs/folder_dataset.md)")
+    return index.astype(np.uint8)
+
+
+def read_region(path, image, image_path):
+    region = read_mask(path)
+    check_same_size(image, region, image_path, path)
+    if not region.any():
+        raise UserError(f"mask {path} has no pixel inside (all 0), so nothing of {image_path} could be scored; "
+                        f"mark the region to score with nonzero values")
+    return region
+
+
+def read_sample(name, image_path, label_path, mask_path, values):
+    image = read_picture(image_path)
+    stored = read_stored_label(label_path)
+    check_same_size(image, stored, image_path, label_path)
+    region = read_region(mask_path, image, image_path) if mask_path is not None else None
+    return Sample(name, image, to_classes(stored, values, label_path), region)
+
+
+def read_folder(root, split, options):
+    """The samples of `split` (docs/folder_dataset.md): ROOT/test when there is one, else fold FOLD of NUM_FOLDS
+    of ROOT/train; labels read with the classes a checkpoint recorded (CLASS_VALUES), else decided now."""
+    root = Path(root)
+    values = tuple(options.class_values) or decide_classes(root, options.folder_classes)
+    folder, as_fold = split_folder(root, split)
+    image_dir = require_folder(folder / "images", f"{folder.name} images")
+    label_dir = require_folder(folder / "labels", f"{folder.name} labels")
+    images = image_files(image_dir, IMAGE_SUFFIXES)
+    labels = annotation_files(label_dir, "label")
+    mask_dir = folder / "masks"
+    masks = annotation_files(mask_dir, "mask") if mask_dir.is_dir() else None
+    names = fold_names(list(images), split, options) if as_fold else sorted(images)
+    samples = []
+    for name in names:
+        label_path = paired_file(name, images[name], labels, label_dir, "label")
+        mask_path = paired_file(name, images[name], masks, mask_dir, "mask") if masks is not None else None
+        samples.append(read_sample(name, images[name], label_path, mask_path, values))
+    return samples
+
+
+# --- classes -------------------------------------------------------------------------------------------------
+
+def check_declared(count):
+    if count != 0 and not 2 <= count <= MAX_CLASSES:
+        raise UserError(f"--folder-classes {count} is out of range: it must be 0 (decided by the labels) or "
+                        f"2..{MAX_CLASSES} (the number of classes, background included)")
+
+
+def decide_classes(root, declared=0):
+    """The stored label values of classes 0..K-1 (sorted). `declared` K >= 2 (FOLDER_CLASSES) means labels hold
+    0..K-1; 0 decides from every label of ROOT/train (all folds, so each fold of a k-fold run gets the same
+    classes): a single nonzero value makes a binary task, more make one class per distinct value."""
+    check_declared(declared)
+    if declared:
+        return tuple(range(declared))
+    image_dir, label_dir = root_folders(Path(root))
+    labels = annotation_files(label_dir, "label")
+    found = set()
+    for name, image_path in image_files(image_dir, IMAGE_SUFFIXES).items():
+        found |= stored_values(read_stored_label(paired_file(name, image_path, labels, label_dir, "label")))
+    foreground = sorted(found - {0})
+    if not foreground:
+        raise UserError(f"every label in {label_dir} is 0 (background only), so there is nothing to learn; check "
+                        f"that they are the right files")
+    if len(foreground) == 1:
+        return (0, foreground[0])
+    values = tuple(sorted(found))
+    if len(values) > MAX_INFERRED_CLASSES:
+        shown = ", ".join(str(value) for value in values[:6])
+        raise UserError(f"the labels in {label_dir} hold {len(values)} distinct values ({shown}, ...): are they "
+                        f"grey pictures or JPEG-smoothed masks? If there really are {len(values)} classes, store "
+                        f"them as 0..{len(values) - 1} and pass --folder-classes {len(values)}")
+    return values
+
+
+def describe_values(values):
+    if is_binary(values):
+        return "2 classes (binary: 0 is background, any other value foreground)"
+    mapping = ", ".join(f"{value} -> {index}" for index, value in enumerate(values))
+    return f"{len(values)} classes of the stored label values ({mapping})"
+
+
+def announce_classes(root, options):
+    """`decide_classes` for training (the registry's hook), saying what it decided: a multi-class mapping of
+    0/128/255 to classes 0/1/2 should never be a surprise."""
+    values = decide_classes(root, options.folder_classes)
+    how = f"--folder-classes {options.folder_classes}" if options.folder_classes else "the training labels"
+    print(f"folder dataset: {describe_values(values)}, from {how}", file=sys.stderr)
+    return values
+
+
+# --- scoring -------------------------------------------------------------------------------------------------
+
+def overlaps(predicted, truth):
+    """Dice and IoU (= 1 - overlap error) of two boolean masks; NaN when both are empty (nothing to agree on),
+    so an absent class is left out of the means rather than counted as perfect."""
+    if not predicted.any() and not truth.any():
+        return float("nan"), float("nan")
+    return dice_coefficient(predicted, truth), 1.0 - overlap_error(predicted, truth)
+
+
+def regions(sample):
+    """(key prefix, pixels to score) pairs: the whole image alone, or the whole image and inside the mask."""
+    if sample.fov is None:
+        return [("", None)]
+    return [("whole ", None), ("ROI ", sample.fov)]
+
+
+def score_binary(prob, sample, threshold):
+    """AUC, Acc, Sen, Spe, F1, Dice and IoU; the ROC curve inside the mask when there is one."""
+    foreground = prob[0].float()
+    label = as_device_tensor(sample.label > 0, foreground.device)
+    predicted, truth = (foreground > threshold).cpu().numpy(), sample.label > 0
+    row, curve = {}, None
+    for prefix, region in regions(sample):
+        where = None if region is None else as_device_tensor(region, foreground.device)
+        scores, (fpr, tpr) = binary_metrics_and_roc(foreground, label, where, threshold)
+        inside = slice(None) if region is None else region
+        scores["Dice"], scores["IoU"] = overlaps(predicted[inside], truth[inside])
+        row.update({prefix + key: value for key, value in scores.items()})
+        curve = (*thin_curve(fpr, tpr), scores["AUC"])
+    return row, curve
+
+
+def score_classes(prob, sample):
+    """Dice and IoU of each foreground class 1..K-1 of the argmax class map, and their mean."""
+    predicted = prob.argmax(0).cpu().numpy()
+    row = {}
+    for prefix, region in regions(sample):
+        inside = slice(None) if region is None else region
+        guess, truth = predicted[inside], sample.label[inside]
+        pairs = [overlaps(guess == index, truth == index) for index in range(1, prob.shape[0])]
+        for position, name in enumerate(("Dice", "IoU")):
+            values = np.array([pair[position] for pair in pairs], np.float64)
+            row.update({f"{prefix}{name} {index}": float(value) for index, value in enumerate(values, start=1)})
+            row[f"{prefix}mean {name}"] = float(nanmean_rows(values[None])[0])
+    return row
+
+
+def score_folder(prob, sample, threshold):
+    if prob.shape[0] == 1:
+        return score_binary(prob, sample, threshold)
+    return score_classes(prob, sample), None
+
+
+NOTES = ("Your own data (--dataset folder, docs/folder_dataset.md), at each image's native resolution. Binary: AUC of "
+         "the probabilities, and Acc, Sen, Spe, F1, Dice and IoU of the mask thresholded as stated. Multi-class: "
+         "Dice and IoU of each foreground class c of the argmax class map ('Dice c', 'IoU c'; classes numbered as "
+         "the run's CLASS_VALUES map the stored label values) and their mean over the classes; background (class 0) "
+         "is not scored on its own. With masks, 'ROI' counts only the pixels inside an image's mask and 'whole' "
+         "every pixel. A class absent from both an image's annotation and its prediction has no Dice or IoU there "
+         "(null, left out of the means).")
+
+FOLDER = Dataset(read_folder, num_classes=0, score=score_folder, notes=NOTES, label_values=announce_classes,
+                 source=f"your own images and labels, laid out as {LAYOUT}")

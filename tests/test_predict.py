@@ -1,0 +1,295 @@
+"""predict.py: test.py's probabilities on DRIVE, and any image a user may hand it (sizes, depths, pages,
+formats, damaged files), with tiny untrained checkpoints where only the plumbing is under test."""
+import csv
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+import cli
+import constants
+import devices
+import evaluation
+import fov
+import framework
+import inference
+import networks
+import predict
+import prediction
+import tasks
+from conftest import run_script
+from fixtures import disc_mask, fundus
+
+CPU = ["--device", "cpu", "--tta", "false"]
+
+
+def tiny_checkpoint(path, dataset="drive", num_classes=1, **overrides):
+    """An untrained CE-Net saved as main.py saves one: its outputs are noise, its plumbing real."""
+    torch.manual_seed(0)
+    model = networks.build_model("cenet", num_classes=num_classes)
+    settings = {name: getattr(constants, name) for name in cli.constant_names()}
+    settings.update({"DATASET": dataset, "IMAGE_SIZE": 64, "PATCH_SIZE": 0, "PREPROCESS": "ours", **overrides})
+    return framework.save_checkpoint(path, model, settings)
+
+
+@pytest.fixture(scope="module")
+def resized(tmp_path_factory):
+    """Whole images resized to 64 px: the fastest path, for everything but the size handling."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("models") / "resized.pth")
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    """Crop-trained (PATCH_SIZE 32): whole images at native resolution, padded, like the released model."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("models") / "native.pth", PATCH_SIZE=32)
+
+
+def run(*argv):
+    """predict.py's exit status, run in this process through cli.run as the script runs it (output: capsys)."""
+    try:
+        cli.run(lambda: predict.main([str(arg) for arg in argv]))
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def rows_of(out):
+    with open(out / "predictions.csv", newline="") as table:
+        return list(csv.DictReader(table))
+
+
+def test_drive_images_get_test_py_probabilities(small_drive, tmp_path):
+    checkpoint = prediction.DEFAULT_CHECKPOINT
+    _, settings, given = predict.parse_args(["x", "-o", "y", *CPU])
+    model, merged, _ = evaluation.load_model(checkpoint, settings, given)
+    device = devices.select_device("cpu")
+    fmt = devices.inference_memory_format(device, merged["CHANNELS_LAST"])
+    samples = tasks.load_split("drive", small_drive, "test", tasks.SplitOptions.from_settings(merged))
+    expected = inference.predict_samples(model.to(device, memory_format=fmt), samples, device,
+                                         image_size=merged["IMAGE_SIZE"], patch_size=merged["PATCH_SIZE"],
+                                         tta=False, amp=merged["AMP"], fmt=fmt, preprocess=merged["PREPROCESS"],
+                                         patch_scale=merged["PATCH_SCALE"])
+    out = tmp_path / "out"
+    assert predict.main([str(small_drive / "test" / "images"), "-o", str(out), "--fov", "none", "--save-float",
+                         *CPU]) == 0
+    for sample, prob in zip(samples, expected):
+        ours = tifffile.imread(out / f"{sample.name}_test_prob.tif")
+        assert ours.shape == (584, 565)
+        difference = np.abs(ours - prob[0].numpy()).max()
+        print(f"image {sample.name}: largest difference from test.py's probabilities {difference:.2e}")
+        assert difference <= 1e-6
+        assert (np.array(Image.open(out / f"{sample.name}_test_mask.png")) > 0).sum() == (prob[0] > 0.5).sum()
+    assert [row["name"] for row in rows_of(out)] == ["01_test", "02_test"]
+
+
+def test_formats_depths_and_pages(resized, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image, _ = fundus(611, 397, (300, 200), 30, seed=1)
+    Image.fromarray(image).save(folder / "odd.png")
+    Image.fromarray(image).save(folder / "photo.jpg", quality=90)
+    Image.fromarray(image[:50, :70, 1]).save(folder / "grey.png")
+    Image.fromarray(np.dstack([image[:40, :60], np.full((40, 60), 255, np.uint8)])).save(folder / "rgba.png")
+    Image.fromarray(image[:30, :30]).convert("P").save(folder / "palette.gif")
+    Image.fromarray(image[:30, :40]).save(folder / "pixels.ppm")
+    Image.fromarray(image[:20, :40]).save(folder / "bitmap.bmp")
+    tifffile.imwrite(folder / "deep.tif", (np.arange(48 * 64).reshape(48, 64) % 2000 + 1000).astype(np.uint16))
+    tifffile.imwrite(folder / "stack.tif", np.zeros((3, 32, 48), np.uint8), photometric="minisblack")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert run(folder, "-o", out, "--checkpoint", resized, *CPU) == 0
+    expected = {"bitmap": (40, 20), "deep": (64, 48), "grey": (70, 50), "odd": (397, 611), "palette": (30, 30),
+                "photo": (397, 611), "pixels": (40, 30), "rgba": (60, 40), "stack_p1": (48, 32),
+                "stack_p2": (48, 32), "stack_p3": (48, 32)}
+    rows = rows_of(out)
+    assert {row["name"]: (int(row["width"]), int(row["height"])) for row in rows} == expected
+    for name, size in expected.items():
+        for ending in ("prob", "mask", "overlay"):
+            assert Image.open(out / f"{name}_{ending}.png").size == size, (name, ending)
+    assert all(row["fov"] == "auto" and row["scale"] == "1.0000" for row in rows)  # a DRIVE model's defaults
+    assert "wrote 11 images" in capsys.readouterr().out
+
+
+def test_formats_of_one_stem_are_refused(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    for suffix in (".png", ".bmp"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in" / f"a{suffix}")
+    assert run(tmp_path / "in", "-o", tmp_path / "out", *CPU) == 2
+    assert "would both be written as a_*" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# --- reading ------------------------------------------------------------------------------------------
+
+def test_deep_pixels_use_their_own_range(tmp_path):
+    ramp = np.linspace(1000, 3000, 40 * 50).reshape(40, 50).astype(np.uint16)  # 12-bit data in 16 bits
+    tifffile.imwrite(tmp_path / "deep.tif", ramp)
+    [(name, image)] = prediction.read_pages(tmp_path / "deep.tif")
+    assert name == "deep" and image.shape == (40, 50, 3) and image.dtype == np.uint8
+    assert image.min() == 0 and image.max() == 255          # stretched, not clipped to white
+    assert (np.diff(image[..., 0].ravel().astype(int)) >= 0).all()
+    import cv2
+    deep = np.zeros((10, 12, 3), np.uint16)
+    deep[..., 0], deep[0, 0, 2] = 1000, 4000                   # 12-bit colour: red 1000, one blue 4000
+    cv2.imwrite(str(tmp_path / "deep.png"), deep[..., ::-1])  # OpenCV writes BGR
+    [(_, image)] = prediction.read_pages(tmp_path / "deep.png")
+    assert image[5, 5].tolist() == [64, 0, 0] and image[0, 0, 2] == 255
+    colour = np.zeros((10, 12, 3), np.float32)
+    colour[..., 0], colour[0, 0, 1], colour[1, 1, 2] = 0.5, 2.0, np.nan
+    tifffile.imwrite(tmp_path / "float.tif", colour, photometric="rgb")
+    [(_, image)] = prediction.read_pages(tmp_path / "float.tif")
+    assert image[0, 0, 1] == 255 and image[1, 1, 2] == 0 and image[5, 5, 0] == 64
+
+
+def test_alpha_palette_and_pages(tmp_path):
+    rgba = np.full((6, 8, 4), 200, np.uint8)
+    rgba[..., 3] = 255
+    rgba[:3, :, 3] = 0                                        # transparent top half
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    [(_, image)] = prediction.read_pages(tmp_path / "rgba.png")
+    assert (image[:3] == 0).all() and (image[3:] == 200).all()
+    Image.fromarray(np.full((5, 5), 77, np.uint8)).convert("P").save(tmp_path / "palette.gif")
+    [(_, image)] = prediction.read_pages(tmp_path / "palette.gif")
+    assert image.shape == (5, 5, 3) and (image == 77).all()
+    pages = np.stack([np.full((4, 6, 3), value, np.uint8) for value in (10, 20)])
+    tifffile.imwrite(tmp_path / "stack.tif", pages)
+    read = prediction.read_pages(tmp_path / "stack.tif")
+    assert [name for name, _ in read] == ["stack_p1", "stack_p2"]
+    assert [int(image.mean()) for _, image in read] == [10, 20]
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n broken", b"II*\x00 not a tiff"])
+def test_damaged_file_is_unreadable(tmp_path, content):
+    path = tmp_path / ("bad.tif" if content.startswith(b"II") else "bad.png")
+    path.write_bytes(content)
+    with pytest.raises(prediction.UnreadableImage, match="cannot read .*bad"):
+        prediction.read_pages(path)
+
+
+# --- files, folders and failures ------------------------------------------------------------------------
+
+def test_damaged_file_is_skipped_and_the_rest_written(resized, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "c"):
+        Image.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(folder / f"{name}.png")
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = run_script("predict.py", folder, "-o", tmp_path / "out", "--checkpoint", resized, *CPU)
+    assert result.returncode == 1, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "b.png" in warnings[0]
+    assert "1 input could not be read" in result.stderr and "Traceback" not in result.stderr
+    assert [row["name"] for row in rows_of(tmp_path / "out")] == ["a", "c"]
+    assert sorted(path.name for path in (tmp_path / "out").glob("*_mask.png")) == ["a_mask.png", "c_mask.png"]
+
+
+def test_folder_without_images_is_one_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no pictures here")
+    assert run(tmp_path / "empty", "-o", tmp_path / "out", *CPU) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: no images ({', '.join(prediction.INPUT_SUFFIXES)}) in folder {tmp_path / 'empty'}"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_input_is_one_error(tmp_path, capsys):
+    assert run(tmp_path / "nothing.png", "-o", tmp_path / "out", *CPU) == 2
+    assert capsys.readouterr().err.strip() == f"error: input {tmp_path / 'nothing.png'} not found"
+
+
+def test_non_empty_output_is_refused_unless_overwrite(resized, tmp_path, capsys):
+    Image.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_mask.png").write_bytes(b"the user's own file")
+    assert run(tmp_path / "a.png", "-o", out, "--checkpoint", resized, *CPU) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not empty" in err[0] and "--overwrite" in err[0]
+    assert [path.name for path in out.iterdir()] == ["a_mask.png"]
+    assert (out / "a_mask.png").read_bytes() == b"the user's own file"
+    assert run(tmp_path / "a.png", "-o", out, "--checkpoint", resized, "--overwrite", *CPU) == 0
+    assert Image.open(out / "a_mask.png").size == (32, 24)
+
+
+# --- field of view, scale, classes -----------------------------------------------------------------------
+
+def test_fov_masks_from_a_folder(resized, tmp_path, capsys):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    image, _ = fundus(60, 80, (30, 40), 8, seed=3)
+    for stem in ("01_test", "02_test"):
+        Image.fromarray(image).save(images / f"{stem}.tif")
+    inside = disc_mask(60, 80, (30, 40), 20)
+    Image.fromarray(inside.astype(np.uint8) * 255).save(masks / "01_test_mask.gif")
+    Image.fromarray(inside.astype(np.uint8)).save(masks / "02_test.png")
+    out = tmp_path / "out"
+    assert run(images, "-o", out, "--checkpoint", resized, "--fov", masks, "--save-float", *CPU) == 0
+    rows = rows_of(out)
+    assert [row["fov"] for row in rows] == ["01_test_mask.gif", "02_test.png"]
+    assert float(rows[0]["fov_fraction"]) == pytest.approx(inside.mean(), abs=1e-4)
+    prob = tifffile.imread(out / "01_test_prob.tif")
+    assert (prob[~inside] == 0).all() and (prob[inside] > 0).all()
+    assert (np.array(Image.open(out / "01_test_mask.png"))[~inside] == 0).all()
+    (masks / "02_test.png").unlink()
+    capsys.readouterr()
+    assert run(images, "-o", tmp_path / "again", "--checkpoint", resized, "--fov", masks, *CPU) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"expected {masks / '02_test'}.png or 02_test_mask.png" in err[0]
+    assert not (tmp_path / "again").exists()
+
+
+def test_scale_auto_brings_the_fov_to_drive_size(native, tmp_path):
+    image, _ = fundus(300, 280, (150, 100), 20, seed=4)  # a FOV disc 0.96 x 280 px across
+    Image.fromarray(image).save(tmp_path / "small.png")
+    out = tmp_path / "out"
+    assert run(tmp_path / "small.png", "-o", out, "--checkpoint", native, "--scale", "auto", "--save-float",
+               *CPU) == 0
+    [row] = rows_of(out)
+    expected = fov.scale_to_match(fov.estimate_fov(image), fov.DRIVE_FOV_DIAMETER)
+    assert 1.9 < expected < 2.1 and float(row["scale"]) == pytest.approx(expected, abs=1e-4)
+    assert tifffile.imread(out / "small_prob.tif").shape == (300, 280)  # back at the native size
+    assert run(tmp_path / "small.png", "-o", tmp_path / "half", "--checkpoint", native, "--scale", "0.5",
+               "--fov", "none", *CPU) == 0
+    assert rows_of(tmp_path / "half")[0]["scale"] == "0.5000"
+    assert Image.open(tmp_path / "half" / "small_prob.png").size == (280, 300)
+
+
+def test_odd_size_at_native_resolution(native, tmp_path):
+    image, _ = fundus(611, 397, (300, 200), 30, seed=5)
+    Image.fromarray(image).save(tmp_path / "odd.png")
+    assert run(tmp_path / "odd.png", "-o", tmp_path / "out", "--checkpoint", native, "--save-float", *CPU) == 0
+    prob = tifffile.imread(tmp_path / "out" / "odd_prob.tif")
+    assert prob.shape == (611, 397) and prob.dtype == np.float32 and np.isfinite(prob).all()
+
+
+def test_scale_is_ignored_by_a_resizing_model(resized, tmp_path, capsys):
+    Image.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    assert run(tmp_path / "a.png", "-o", tmp_path / "out", "--checkpoint", resized, "--scale", "2", *CPU) == 0
+    assert "--scale 2 ignored" in capsys.readouterr().err
+    assert rows_of(tmp_path / "out")[0]["scale"] == "1.0000"
+    assert run(tmp_path / "a.png", "-o", tmp_path / "bad", "--scale", "50", *CPU) == 2
+    assert "--scale 50 is out of range" in capsys.readouterr().err
+
+
+def test_multi_class_model_writes_classes(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "oct.pth", dataset="oct", num_classes=11)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56), dtype=np.uint8)).save(tmp_path / "scan.png")
+    out = tmp_path / "out"
+    assert run(tmp_path / "scan.png", "-o", out, "--checkpoint", checkpoint, "--save-float", *CPU) == 0
+    classes = np.array(Image.open(out / "scan_classes.png"))
+    assert classes.shape == (40, 56) and classes.max() < 11
+    assert np.array(Image.open(out / "scan_overlay.png")).shape == (40, 56, 3)
+    assert tifffile.imread(out / "scan_prob.tif").shape == (11, 40, 56)
+    assert not (out / "scan_prob.png").exists()
+    [row] = rows_of(out)
+    assert row["fov"] == "none" and row["fov_fraction"] == "1.0000"    # not a fundus model
+
+
+def test_scale_auto_needs_a_fundus_model():
+    assert prediction.reference_diameter("auto", "drive") == fov.DRIVE_FOV_DIAMETER
+    assert prediction.reference_diameter(0.5, "oct") is None
+    with pytest.raises(prediction.UserError, match="trained on 'oct'"):
+        prediction.reference_diameter("auto", "oct")
