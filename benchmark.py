@@ -54,13 +54,15 @@ GPU_COMPARE_ROWS = [
      "large", None),
     ("after, + torch.compile", {"AMP": True, "CHANNELS_LAST": True, "COMPILE": True}, "large", None),
 ]
-# On the CPU the batch is the run's own (a 2-core machine has no larger batch to spare); fp32 channels_last
-# is forced for training, which main.py runs in NCHW (devices.memory_format).
+# On the CPU the batch is the run's own (a 2-core machine has no larger batch to spare). main.py trains in
+# NCHW there (devices.memory_format); the channels_last training rows are what-ifs, forced here.
 CPU_COMPARE_ROWS = [
     ("fp32, NCHW (--amp false)", {"AMP": False, "CHANNELS_LAST": False, "COMPILE": False}, None, None),
-    ("fp32, channels_last", {"AMP": False, "CHANNELS_LAST": True, "COMPILE": False}, None, torch.channels_last),
-    ("AMP: bf16 autocast + channels_last where native", {"AMP": True, "CHANNELS_LAST": True, "COMPILE": False},
-     None, None),
+    ("fp32, channels_last training", {"AMP": False, "CHANNELS_LAST": True, "COMPILE": False}, None,
+     torch.channels_last),
+    ("AMP: bf16 autocast where native", {"AMP": True, "CHANNELS_LAST": True, "COMPILE": False}, None, None),
+    ("AMP, channels_last training", {"AMP": True, "CHANNELS_LAST": True, "COMPILE": False}, None,
+     torch.channels_last),
     ("AMP, + torch.compile", {"AMP": True, "CHANNELS_LAST": True, "COMPILE": True}, None, None),
 ]
 
@@ -113,14 +115,15 @@ def measure(settings, args, device, rank, world_size, workdir, layout=None, peak
     """Figures for one configuration: a dict of name -> number (or None where not applicable). With `peaks`
     (precision -> GFLOP/s of a large matrix product), also the model's achieved GFLOP/s and their share."""
     clock = devices.timed(device)
-    model, images, labels, _ = training.prepare(settings, rank)
+    model, images, labels, _, instances = training.prepare(settings, rank)
     full_run_steps = data.steps_for(len(images), settings["BATCH_SIZE"], settings["EPOCHS"])
     # The poly schedule must not run out during the benchmark (its base would go negative).
     steps_per_epoch = math.ceil(len(images) / settings["BATCH_SIZE"])
     needed_epochs = math.ceil((args.warmup + args.steps + 1) / steps_per_epoch)
     config = framework.TrainConfig.from_settings(settings, epochs=max(settings["EPOCHS"], needed_epochs),
                                                  sgd_kernel=args.sgd_kernel or "")
-    trainer = framework.Trainer(model, images, labels, config, device, rank, world_size, layout=layout)
+    trainer = framework.Trainer(model, images, labels, config, device, rank, world_size, layout=layout,
+                                instances=instances)
     startup = devices.timed(device) - clock
 
     cuda = device.type == "cuda"

@@ -10,6 +10,8 @@ import constants
 import recipes
 from data import AUGMENTATIONS, PREPROCESSINGS
 from errors import UserError
+from loss import BORDER_CELLS
+from tasks.em_cells import POSTPROCESSINGS
 
 
 def _parse_bool(text):
@@ -87,6 +89,13 @@ RANGES = {
     "VISDOM_PORT": (lambda value: 0 < value < 65536, "a port number"),
     "AUGMENT": (lambda value: value in AUGMENTATIONS, " or ".join(AUGMENTATIONS)),
     "PREPROCESS": (lambda value: value in PREPROCESSINGS, " or ".join(PREPROCESSINGS)),
+    "ELASTIC_ALPHA": (lambda value: value >= 0, "at least 0 (0: no deformation)"),
+    "ELASTIC_SPACING": (lambda value: value >= 8, "at least 8 px"),
+    "BORDER_W0": (lambda value: value >= 0, "at least 0 (0: class balance only)"),
+    "BORDER_SIGMA": (lambda value: value > 0, "greater than 0"),
+    "BORDER_CELLS": (lambda value: value in BORDER_CELLS, " or ".join(BORDER_CELLS)),
+    "POSTPROCESS": (lambda value: value in POSTPROCESSINGS, " or ".join(POSTPROCESSINGS)),
+    "WATERSHED_SEED": (lambda value: 0 < value < 1, "strictly between 0 and 1"),
     "PROTOCOL": (lambda value: value in ("ours", "authors"), "ours or authors"),
     "SPLIT": (lambda value: value in ("test", "train", "all"), "test, train or all"),
     "EVAL_SCALE": (lambda value: value == "auto" or _scale_factor(value) is not None,

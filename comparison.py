@@ -1,5 +1,5 @@
 """Two or more evaluated runs side by side, and paired per-image comparisons: what compare.py writes as
-<name>.json and <name>.md (the CPU results table of the README).
+<name>.json and <name>.md (the CPU results tables of docs/results.md).
 
 Differences never mix test protocols: each run is paired with the first run of the table that was scored
 the same way (test-time augmentation, threshold, scoring), so with one protocol every run is compared with

@@ -31,7 +31,12 @@ PRETRAINED = "imagenet"       # "imagenet" (torchvision), "none", or a path to a
 
 # --- optimisation (paper: SGD, momentum 0.9, wd 1e-4, batch 8, poly LR from 4e-3) --------
 RECIPE = ""                   # a named set of overrides from recipes.py ("cpu", "hires", ...); flags still win
-LOSS = "dice"                 # dice (Eq. 2), bce, ce, dice_bce
+LOSS = "dice"                 # dice (Eq. 2), bce, ce, dice_bce, varce, weighted_bce_dice (Dice + BCE weighted by
+                              # U-Net's border map w = w_c + w0 exp(-(d1 + d2)^2 / (2 sigma^2)), loss.border_weight_map)
+BORDER_W0 = 10.0              # weighted_bce_dice: w0, the most a pixel squeezed between two cells gains (U-Net: 10)
+BORDER_SIGMA = 5.0            # weighted_bce_dice: sigma in px; d1, d2 = distances to the nearest two cells (U-Net: 5)
+BORDER_CELLS = "background"   # weighted_bce_dice: which class the cells are: background (isbi2012: the regions between
+                              # the foreground membranes) or foreground (objects, e.g. glas, monuseg)
 OPTIMIZER = "sgd"             # sgd (the paper, with MOMENTUM) or adamw (decoupled WEIGHT_DECAY)
 BATCH_SIZE = 8                # global batch, split evenly over torchrun processes
 EPOCHS = 300                  # one epoch = ceil(train images / BATCH_SIZE) steps
@@ -41,7 +46,10 @@ WEIGHT_DECAY = 1e-4
 POLY_POWER = 0.9              # lr = LR * (1 - step / total_steps) ** POLY_POWER
 WARMUP_STEPS = 0              # linear warm-up of the LR over the first steps (0: none, as in the paper)
 AUGMENT = "paper"             # paper: dihedral flips, 90-110 % scaling, shift, HSV jitter; authors_code: as
-                              # the authors' code (each with probability 0.5, aspect jitter); flips; none
+                              # the authors' code (each with probability 0.5, aspect jitter); flips; elastic
+                              # (flips + a smooth random elastic deformation, as EM work uses); none
+ELASTIC_ALPHA = 10.0          # elastic: std (px) of the random displacement of each control point (0: identity)
+ELASTIC_SPACING = 128         # elastic: control points at most this many px apart over each crop, bicubic between
 SEED = 0
 
 # --- machine ----------------------------------------------------------------------------
@@ -49,8 +57,8 @@ DEVICE = "auto"               # auto (CUDA if present), cuda, cpu
 AMP = True                    # autocast: bf16 on GPUs of compute capability >= 8.0, else fp16 + loss scaling;
                               # bf16 on CPUs that compute it natively (AMX, AVX-512 BF16), else fp32
                               # (devices.amp_dtype). False: fp32 everywhere (the committed tables' precision)
-CHANNELS_LAST = True          # memory format on CUDA, for prediction, and for bf16 training on the CPU
-                              # (fp32 CPU training stays NCHW: devices.memory_format)
+CHANNELS_LAST = True          # memory format on CUDA and for prediction on the CPU (measured faster there);
+                              # CPU training stays NCHW (devices.memory_format)
 COMPILE = False               # torch.compile the model (falls back with a notice if it fails; off under
                               # torchrun on GPUs, where SyncBatchNorm breaks the graph at every BatchNorm)
 DETERMINISTIC = False         # True: bit-identical reruns on CUDA (no cuDNN autotuning, no TF32; slower)
@@ -60,6 +68,9 @@ RUN_NAME = ""                 # empty: <dataset>_<model>_<date-time>
 WEIGHTS_DIR = "weights"
 RESULTS_DIR = "results"
 THRESHOLD = 0.5               # probability threshold for binary masks and Acc/Sen/Spe/F1
+POSTPROCESS = "none"          # isbi2012 scoring: the membrane map before thinning: none (prob > THRESHOLD), closing
+                              # (that, 3x3 closed), watershed (seeded on the probability); see tasks/em_cells.py
+WATERSHED_SEED = 0.2          # POSTPROCESS watershed: pixels below this membrane probability seed the cells
 PROTOCOL = "ours"             # ours: native resolution, whole image and FOV; authors: their test_cenet.py (DRIVE)
 TTA = True                    # 8-way dihedral test-time augmentation
 SPLIT = "test"                # which images test.py scores: test, train, or all (train then test; e.g.

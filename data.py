@@ -42,17 +42,25 @@ SHIFT_FRACTION = 0.1
 HUE_SHIFT = 30 / 180
 SATURATION_SHIFT = 5 / 255
 VALUE_SHIFT = 15 / 255
+# Elastic deformation ("elastic"; ELASTIC_ALPHA and ELASTIC_SPACING in constants.py): random displacements of a
+# coarse grid of control points over the output window, interpolated bicubically to every pixel. U-Net's ISBI
+# 2012 setting is a 3 x 3 grid with 10 px standard deviation; 128 px spacing is that grid on a 256 px crop.
+ELASTIC_ALPHA = 10.0    # standard deviation (px) of each control point's displacement, per axis
+ELASTIC_SPACING = 128   # largest distance (px) between neighbouring control points
 
 # AUGMENT's choices. "paper" applies every transform to every sample. "authors_code" follows the authors'
 # released data.py: each transform with probability 0.5, an aspect-ratio jitter of +-10 % besides the
 # scale, and the colour jitter before the geometric warp (so the black border stays black). "flips" keeps
 # only the 8 dihedral variants: exact, label-preserving copies, which a short run from random weights
-# learns from fastest (see recipes.py).
+# learns from fastest (see recipes.py). "elastic" is the 8 flips plus a smooth random elastic deformation
+# (`draw_displacements`), the augmentation of EM membrane work (Ciresan et al. 2012, U-Net 2015): cells bend
+# and stretch from slice to slice, and a deformed membrane is still a membrane.
 AUGMENTATIONS = {
     "paper": {"flips": True, "scale_shift": True, "colour": True},
     "authors_code": {"flips": True, "scale_shift": True, "colour": True, "probability": 0.5, "aspect": 0.1,
                      "colour_first": True},
     "flips": {"flips": True, "scale_shift": False, "colour": False},
+    "elastic": {"flips": True, "scale_shift": False, "colour": False, "elastic": True},
     "none": {"flips": False, "scale_shift": False, "colour": False},
 }
 
@@ -163,6 +171,26 @@ def native_tensors(sample, num_classes, scale=1.0, preprocess="ours"):
                 torch.from_numpy(np.ascontiguousarray(sample.label)).to(torch.uint8))
     shape = scaled_shape(sample.label.shape, scale)
     return resize_image(sample.image, shape, preprocess), resize_label(sample.label, shape, num_classes)
+
+
+
+def stack_instances(samples, size=None, scale=1.0):
+    """The samples' instance maps (N, H, W) int32 (0 = no instance), laid out as their labels are: resized to
+    `size` (stack_samples) or by `scale` (stack_native), then zero-padded at the bottom and right to the
+    largest height and width. Resizing is nearest-neighbour, since an id names an object and a blend of two ids
+    would name a third."""
+    maps = []
+    for sample in samples:
+        instances = torch.from_numpy(np.ascontiguousarray(sample.instances)).to(torch.int32)
+        shape = as_pair(size) if size else scaled_shape(instances.shape, scale)
+        if tuple(shape) != tuple(instances.shape):  # float32 holds every id below 2**24 exactly
+            instances = F.interpolate(instances[None, None].float(), size=shape, mode="nearest-exact")[0, 0]
+        maps.append(instances.to(torch.int32))
+    stacked = torch.zeros(len(maps), max(m.shape[0] for m in maps), max(m.shape[1] for m in maps),
+                          dtype=torch.int32)
+    for index, instances in enumerate(maps):
+        stacked[index, :instances.shape[0], :instances.shape[1]] = instances
+    return stacked
 
 
 
@@ -372,14 +400,44 @@ def crop_affine(theta, centres, crop, height, width):
 
 
 
-def apply_augmentation(images, labels, theta, hsv_shifts, out_size=None, colour_first=False):
+def elastic_points(side, spacing=ELASTIC_SPACING):
+    """Control points per side of a `side` px output window: evenly spread with the first and last on the
+    window's corner pixels, at most `spacing` px apart, so P = ceil((side - 1) / spacing) + 1 (at least 2)."""
+    return max(2, math.ceil((side - 1) / spacing) + 1)
+
+
+
+def draw_displacements(count, side, generator, alpha=ELASTIC_ALPHA, spacing=ELASTIC_SPACING):
+    """(count, 2, P, P) displacements in pixels, (x, y), of the P x P control points of `elastic_points` over a
+    `side` px output window: independent draws from N(0, alpha^2), on the CPU from `generator` like the rest of
+    the plan. alpha = 0 is the identity."""
+    points = elastic_points(side, spacing)
+    return torch.randn(count, 2, points, points, generator=generator) * alpha
+
+
+
+def displacement_field(displacements, out_size, height, width):
+    """The per-pixel offsets (B, out_size, out_size, 2) of control-point displacements (B, 2, P, P) in pixels
+    of a height x width input: bicubic interpolation over the output window (the corner points on the corner
+    pixels), then pixels to normalised input coordinates, which span 2 units per side: dx * 2 / width,
+    dy * 2 / height."""
+    field = F.interpolate(displacements, size=(out_size, out_size), mode="bicubic", align_corners=True)
+    per_pixel = torch.tensor([2 / width, 2 / height], dtype=field.dtype, device=field.device)
+    return field.permute(0, 2, 3, 1) * per_pixel
+
+
+
+def apply_augmentation(images, labels, theta, hsv_shifts, out_size=None, colour_first=False, displacements=None):
     """Resample image and label through the same affine grid, and jitter the image's colour: after the
     resampling, or before it with `colour_first` (as the authors' code does: the border stays black).
 
     images: (B, 3, H, W) float in [0, 1]; labels: (B, H, W) integer class map; theta (B, 2, 3) and
     hsv_shifts (B, 3) on the images' device. The output is out_size x out_size (default: the input's
     size, which must then be square). Labels stay integer class maps (nearest-neighbour sampling);
-    pixels moved in from outside the frame are black with background label.
+    pixels moved in from outside the frame are black with background label. Labels of shape (B, M, H, W)
+    are M maps moved through the same grid (a class map with its instance ids), returned in that shape.
+    `displacements` (B, 2, P, P) pixels (draw_displacements) bend the grid elastically: each output pixel u
+    samples the input at theta(u) + d(u), d the bicubic field of `displacement_field`, images and labels alike.
     """
     if out_size is None:
         if images.shape[-1] != images.shape[-2]:
@@ -389,20 +447,27 @@ def apply_augmentation(images, labels, theta, hsv_shifts, out_size=None, colour_
     if colour_first:
         images = jitter_hsv(images, hsv_shifts)
     grid = F.affine_grid(theta.to(images.dtype), shape, align_corners=False)
+    if displacements is not None:
+        grid = grid + displacement_field(displacements.to(images.dtype), out_size, *images.shape[-2:])
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    moved = F.grid_sample(labels[:, None].to(images.dtype), grid, mode="nearest", padding_mode="zeros",
-                          align_corners=False)
+    maps = labels[:, None] if labels.ndim == 3 else labels
+    moved = F.grid_sample(maps.to(images.dtype), grid, mode="nearest", padding_mode="zeros",
+                          align_corners=False).round().to(labels.dtype)
     if not colour_first:
         images = jitter_hsv(images, hsv_shifts)
-    return images, moved[:, 0].round().to(labels.dtype)
+    return images, moved[:, 0] if labels.ndim == 3 else moved
 
 
 
 def augment(images, labels, generator, mode="paper"):
-    """Augmentation `mode` on a batch (any device), parameters drawn from `generator`."""
+    """Augmentation `mode` on a batch (any device), parameters drawn from `generator` (elastic: at
+    ELASTIC_ALPHA and ELASTIC_SPACING)."""
     theta, shifts = draw_augmentation(images.shape[0], generator, mode)
+    parts = augmentation_parts(mode)
+    displacements = draw_displacements(images.shape[0], images.shape[-1], generator).to(images.device) \
+        if parts.get("elastic") else None
     return apply_augmentation(images, labels, theta.to(images.device), shifts.to(images.device),
-                              colour_first=augmentation_parts(mode).get("colour_first", False))
+                              colour_first=parts.get("colour_first", False), displacements=displacements)
 
 
 

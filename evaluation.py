@@ -145,6 +145,16 @@ def save_pictures(samples, probs, curves, out, threshold, title):
             report.roc_plot(curves, out / "roc.png", title)
 
 
+def score_options(settings, spec):
+    """The keyword arguments of the dataset's score() beyond the threshold (Dataset.score_settings, e.g.
+    isbi2012's POSTPROCESS), from `settings`; a post-processing the dataset's scoring does not read is one
+    clear error."""
+    if settings.get("POSTPROCESS", "none") != "none" and "POSTPROCESS" not in spec.score_settings:
+        raise UserError(f"--postprocess {settings['POSTPROCESS']} applies to the membrane scoring of isbi2012 only, "
+                        f"not {settings['DATASET']!r}; drop the flag")
+    return {name.lower(): settings[name] for name in spec.score_settings}
+
+
 def check_protocol(settings, spec):
     """--protocol authors needs a dataset whose authors' protocol is known and a model that predicts resized
     images (theirs binarises at the network's size)."""
@@ -234,6 +244,7 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
     model = model.to(device, memory_format=fmt)
     spec = tasks.dataset(settings["DATASET"])
     check_protocol(settings, spec)
+    options = score_options(settings, spec)
     split = settings.get("SPLIT", "test")
     samples = tasks.load_split(settings["DATASET"], settings["DATA_ROOT"], split,
                                tasks.SplitOptions.from_settings(settings))
@@ -254,7 +265,7 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
         if as_authors:
             row, probs[index] = spec.authors_score(prob, sample, settings["THRESHOLD"])
         else:
-            row, curve = spec.score(prob, sample, settings["THRESHOLD"])
+            row, curve = spec.score(prob, sample, settings["THRESHOLD"], **options)
             if curve is not None:
                 curves[sample.name] = curve
         rows.append(row)
@@ -287,7 +298,7 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
         "precision": devices.precision_name(device, settings["AMP"]), "device": str(device),
         "machine": devices.machine_name(device),
         "pretrained": payload.get("pretrained", "unknown"), "train_steps": payload.get("step"),
-        "scoring": settings["PROTOCOL"],
+        "scoring": settings["PROTOCOL"], **({} if as_authors else options),
         "evaluation": spec.authors_notes if as_authors else spec.notes, "empty_predictions": empty, "labels_without_foreground": unlabelled,
     }
     report.write_json(out / "metrics.json", {
@@ -295,5 +306,8 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
         "seconds": {"predict_and_score": round(predict_seconds, 3), "total_after_load": round(total_seconds, 3)},
     })
     report.write_text(out / "metrics.md", f"# {settings['MODEL']} on {settings['DATASET']} {split}\n\n"
-                                          f"{protocol['evaluation']}\n\n{per_image_table(rows, summary, names)}")
+                                          f"{protocol['evaluation']}\n\n"
+                                          + "".join(f"{name.replace('_', ' ').capitalize()}: {value}\n\n"
+                                                    for name, value in options.items() if not as_authors)
+                                          + per_image_table(rows, summary, names))
     return summary, out, total_seconds

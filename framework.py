@@ -235,6 +235,11 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     sgd_kernel: str = ""     # "" = fused / foreach / loop chosen for the device (see sgd_kernel)
+    elastic_alpha: float = data.ELASTIC_ALPHA    # AUGMENT "elastic": control-point displacement std (px)
+    elastic_spacing: int = data.ELASTIC_SPACING  # ... and the largest control-point spacing (px)
+    border_w0: float = 10.0                      # LOSS "weighted_bce_dice": U-Net's border weight w0
+    border_sigma: float = 5.0                    # ... its width sigma (px)
+    border_cells: str = "background"             # ... and which class the cells are (loss.BORDER_CELLS)
 
     @classmethod
     def from_settings(cls, settings, **overrides):
@@ -332,6 +337,16 @@ def sgd_kernel(config, device):
 
 
 
+# Border weight maps ride through the labels' nearest-neighbour resampling as integers, in these units (a
+# thousandth: far below any difference that matters to the loss); float32 carries them exactly up to 2**24.
+WEIGHT_UNITS = 1000
+
+
+def weight_units(weights):
+    """(N, H, W) float weight maps as int32 multiples of 1 / WEIGHT_UNITS."""
+    return (weights * WEIGHT_UNITS).round().to(torch.int32)
+
+
 class Trainer:
     """SGD with momentum and weight decay (or AdamW), poly LR, the paper's augmentation, on in-memory tensors.
 
@@ -340,9 +355,10 @@ class Trainer:
     the loss comes back as a device tensor, and the caller decides when to read it.
     """
 
-    def __init__(self, model, images, labels, config, device, rank=0, world_size=1, layout=None):
+    def __init__(self, model, images, labels, config, device, rank=0, world_size=1, layout=None, instances=None):
         """`layout`: a memory format that replaces the device's choice (devices.memory_format), for
-        benchmark.py's what-if rows only."""
+        benchmark.py's what-if rows only. `instances`: (N, H, W) instance ids beside `labels` (data.stack_instances),
+        for a loss that asks for them (varCE); without them it takes the connected components of the labels."""
         if config.batch_size % world_size:
             raise UserError(f"batch size {config.batch_size} does not split over {world_size} processes")
         self.config, self.device = config, device
@@ -358,7 +374,15 @@ class Trainer:
         self.model = self.model.to(device, memory_format=self.format)
         self.images = to_device(images, device)
         self.labels = to_device(labels, device)
-        self.criterion = losses.build_loss(config.loss, self.model.num_classes)
+        self.criterion = losses.build_loss(config.loss, self.model.num_classes, config.border_w0,
+                                           config.border_sigma, config.border_cells)
+        # Only a loss that reads instances gets them; for any other they would be device memory for nothing.
+        uses_instances = getattr(self.criterion, "uses_instances", False)
+        self.instances = to_device(instances, device) if instances is not None and uses_instances else None
+        # A border-weighted loss gets each label's weight map, computed once here at the training resolution
+        # (before crops, so a crop's border pixels know the cells outside it) and moved with the labels.
+        self.weights = to_device(weight_units(self.criterion.weight_maps(labels)), device) \
+            if getattr(self.criterion, "uses_weight_map", False) else None
         self.optimizer = build_optimizer(self.model.parameters(), config, device)
         # fp16 (GPUs without fast bf16) needs the loss scaled so that small gradients do not flush to zero;
         # bf16 and fp32 do not, and a disabled scaler passes everything through unchanged.
@@ -395,33 +419,62 @@ class Trainer:
             centres = data.random_crop_centres(steps * batch_size, patch, height, width, generator)
             plan["theta"] = data.crop_affine(plan["theta"].view(-1, 2, 3), centres, patch, height,
                                              width).view(steps, batch_size, 2, 3)
+        if data.augmentation_parts(augment).get("elastic"):  # drawn last: the other draws stay as they were
+            side = patch or self.images.shape[-1]
+            plan["elastic"] = data.draw_displacements(steps * batch_size, side, generator, self.config.elastic_alpha,
+                                                      self.config.elastic_spacing).unflatten(0, (steps, batch_size))
         return {key: to_device(value, self.device) for key, value in plan.items()}
 
     def batch(self):
         """This step's augmented, normalised batch, assembled on the device."""
+        images, labels, _ = self.batch_with_instances()
+        return images, labels
+
+    def batch_with_instances(self):
+        """`batch`, and the instance maps moved through the same crop and augmentation as its labels (one
+        resampling of both, so an id stays on its object's pixels); None when the run carries none."""
+        images, labels, extras = self.batch_with_maps()
+        return images, labels, extras.get("instances")
+
+    def batch_with_maps(self):
+        """`batch`, and the per-pixel maps the loss reads besides the labels, as the criterion's keyword
+        arguments: "instances" (ids) and "weights" (border weight maps), those the run carries. They go through
+        the crop and augmentation in one resampling with the labels, so an id stays on its object's pixels and
+        a weight on its pixel."""
         step = self.step_count % self.total_steps
         index = self.plan["indices"][step]
         images = self.images[index].float() / 255
-        labels = self.labels[index]
+        carried = {name: value[index] for name, value in (("instances", self.instances), ("weights", self.weights))
+                   if value is not None}
+        maps = self.labels[index]
+        if carried:
+            maps = torch.stack([maps.to(torch.int32), *carried.values()], dim=1)
+        displacements = self.plan["elastic"][step] if "elastic" in self.plan else None
         if self.config.patch_size:  # the crop is one resampling with the augmentation (identity when off)
-            images, labels = data.apply_augmentation(images, labels, self.plan["theta"][step],
-                                                     self.plan["hsv"][step], out_size=self.config.patch_size,
-                                                     colour_first=self.colour_first)
+            images, maps = data.apply_augmentation(images, maps, self.plan["theta"][step],
+                                                   self.plan["hsv"][step], out_size=self.config.patch_size,
+                                                   colour_first=self.colour_first, displacements=displacements)
         elif self.config.augment != "none":
-            images, labels = data.apply_augmentation(images, labels, self.plan["theta"][step],
-                                                     self.plan["hsv"][step], colour_first=self.colour_first)
+            images, maps = data.apply_augmentation(images, maps, self.plan["theta"][step],
+                                                   self.plan["hsv"][step], colour_first=self.colour_first,
+                                                   displacements=displacements)
+        labels = maps[:, 0] if carried else maps
+        extras = {name: maps[:, position] for position, name in enumerate(carried, start=1)}
+        if "weights" in extras:
+            extras["weights"] = extras["weights"].float() / WEIGHT_UNITS
         images = data.normalize(images, self.config.preprocess).contiguous(memory_format=self.format)
-        return images, labels.long()
+        return images, labels.long(), extras
 
-    def forward_backward(self, forward, images, labels):
+    def forward_backward(self, forward, images, labels, instances=None, weights=None):
         with autocast(self.device, self.config.amp):
             logits = forward(images)
-        loss = self.criterion(logits.float(), labels)
+        extras = {name: value for name, value in (("instances", instances), ("weights", weights)) if value is not None}
+        loss = self.criterion(logits.float(), labels, **extras)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         return loss
 
-    def first_compiled_step(self, images, labels):
+    def first_compiled_step(self, images, labels, instances=None, weights=None):
         """The first step of a compiled model is a trial: torch.compile reports most failures (no compiler, an
         unsupported operator) only when the compiled model first runs, in its forward or part-way through its
         backward, and possibly in one process only.
@@ -437,7 +490,7 @@ class Trainer:
         error = None
         with self.collectives_paused():
             try:
-                loss = self.forward_backward(self.forward, images, labels)
+                loss = self.forward_backward(self.forward, images, labels, instances, weights)
             except Exception as caught:  # dynamo and inductor raise many unrelated types
                 if not is_compile_failure(caught):
                     raise
@@ -452,7 +505,7 @@ class Trainer:
         with torch.no_grad():
             for buffer, saved in zip(self.model.buffers(), buffers):
                 buffer.copy_(saved)
-        return self.forward_backward(self.forward, images, labels)
+        return self.forward_backward(self.forward, images, labels, instances, weights)
 
     @contextlib.contextmanager
     def collectives_paused(self):
@@ -484,12 +537,12 @@ class Trainer:
                      self.config.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        images, labels = self.batch()
+        images, labels, extras = self.batch_with_maps()
         self.model.train()
         if self.compile_pending:
-            loss = self.first_compiled_step(images, labels)
+            loss = self.first_compiled_step(images, labels, **extras)
         else:
-            loss = self.forward_backward(self.forward, images, labels)
+            loss = self.forward_backward(self.forward, images, labels, **extras)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step_count += 1

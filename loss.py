@@ -10,6 +10,8 @@ Every loss takes ``forward(logits, target)``:
 and returns a float32 scalar. Logits are cast to float32 first, so a loss called inside
 ``torch.autocast(dtype=torch.bfloat16)`` sums in full precision.
 """
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -19,7 +21,7 @@ from scipy import ndimage
 from errors import UserError
 from networks import probabilities
 
-LOSSES = ("dice", "bce", "ce", "dice_bce", "varce")
+LOSSES = ("dice", "bce", "ce", "dice_bce", "varce", "weighted_bce_dice")
 
 
 def check_logits_and_target(logits, target):
@@ -169,6 +171,8 @@ class VarianceConstrainedCELoss(nn.Module):
     from the target: the 8-connected components of each foreground class. An image without instances adds 0.
     """
 
+    uses_instances = True  # the trainer passes a dataset's instance maps (framework.Trainer)
+
     def __init__(self, alpha=1.0):
         super().__init__()
         self.alpha = alpha
@@ -230,11 +234,109 @@ def mean_instance_variance(probs, instances):
     return (per_image_sum / per_image_count.clamp(min=1)).mean()
 
 
-def build_loss(name, num_classes):
-    """The loss called ``name`` (one of LOSSES) for a model with ``num_classes`` outputs.
+# --- U-Net's border weight map (Ronneberger et al., MICCAI 2015) and the loss that uses it ----------------
+
+BORDER_CELLS = ("background", "foreground")  # which class the cells are (BORDER_CELLS in constants.py)
+
+
+def border_weight_map(label, w0=10.0, sigma=5.0, cells="background"):
+    """U-Net's weight map of a binary label (H, W), float32 (H, W):
+
+        w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2))   on pixels of no cell,
+        w(x) = w_c(x)                                                 inside a cell,
+
+    cells = the 4-connected components of the `cells` class ("background": the regions the foreground
+    membranes separate, as in ISBI 2012, where class 1 is the membrane; "foreground": the objects
+    themselves); d1, d2 = Euclidean distances (px) to the nearest and second-nearest cell; w_c(x) = n / (2 n_k)
+    for the class k of x, n_k its pixels in this label and n all of them (the two classes then weigh the
+    same in total, and the mean of w_c is 1). The border term is kept to the pixels between cells, the
+    separation borders the paper means: inside a cell d1 = 0, and the term would weigh the cell's own rim.
+    With one cell or none, d2 is infinite and the term 0."""
+    label = np.asarray(label) > 0
+    if cells not in BORDER_CELLS:
+        raise UserError(f"unknown border cells {cells!r}; choose one of: {', '.join(BORDER_CELLS)}")
+    in_cell = ~label if cells == "background" else label
+    weights = class_balance_weights(label)
+    if w0 > 0:
+        d1, d2 = nearest_two_distances(in_cell, reach=math.ceil(5 * sigma))
+        border = w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma ** 2))
+        weights = weights + np.where(in_cell, 0.0, border)
+    return weights.astype(np.float32)
+
+
+def class_balance_weights(label):
+    """w_c(x) = n / (2 n_k) for the class k in {0, 1} of each pixel of a bool map (a class absent: unused)."""
+    total, foreground = label.size, int(np.count_nonzero(label))
+    background = total - foreground
+    on = total / (2 * foreground) if foreground else 1.0
+    off = total / (2 * background) if background else 1.0
+    return np.where(label, on, off)
+
+
+def nearest_two_distances(in_cell, reach):
+    """(d1, d2) float64 (H, W): the distances to the nearest and the second-nearest 4-connected component
+    of `in_cell`, infinite beyond `reach` px. Each cell's distance map is computed only in its bounding box
+    widened by `reach` (which holds every pixel nearer than `reach`), so the cost grows with the cells' size,
+    not with their number times the image; at 5 sigma the border term left out is below w0 * exp(-12.5)."""
+    cells, count = ndimage.label(in_cell)
+    d1 = np.full(in_cell.shape, np.inf)
+    d2 = np.full(in_cell.shape, np.inf)
+    for index, box in enumerate(ndimage.find_objects(cells), start=1):
+        window = tuple(slice(max(0, side.start - reach), side.stop + reach) for side in box)
+        distance = ndimage.distance_transform_edt(cells[window] != index)
+        distance[distance > reach] = np.inf
+        # Insert into the sorted pair (d1 <= d2): the new second is the larger of d1 and it, if smaller.
+        d2[window] = np.minimum(d2[window], np.maximum(d1[window], distance))
+        d1[window] = np.minimum(d1[window], distance)
+    return d1, d2
+
+
+class WeightedBCEDiceLoss(nn.Module):
+    """Dice plus U-Net's weighted binary cross-entropy (K = 1):
+
+        L = L_Dice + sum_i w_i l_i / sum_i w_i,   l_i = -[g_i log p_i + (1 - g_i) log(1 - p_i)],
+
+    w the border weight map of each training label (`border_weight_map`: the gaps between cells weigh up to
+    w0 more). The weighted mean keeps the BCE on the scale of an unweighted one, and pixels of weight 0 (moved
+    in from outside the frame by the augmentation) do not count. The trainer computes the maps once per
+    training label at the training resolution and moves them with the labels through crops and augmentation
+    (`uses_weight_map`); called without `weights`, the loss computes them from the target it is given."""
+
+    uses_weight_map = True
+
+    def __init__(self, w0=10.0, sigma=5.0, cells="background"):
+        super().__init__()
+        if w0 < 0 or sigma <= 0:
+            raise UserError(f"border weights need w0 >= 0 and sigma > 0, got w0 {w0} and sigma {sigma}")
+        if cells not in BORDER_CELLS:
+            raise UserError(f"unknown border cells {cells!r}; choose one of: {', '.join(BORDER_CELLS)}")
+        self.w0, self.sigma, self.cells = float(w0), float(sigma), cells
+        self.dice = DiceLoss()
+
+    def weight_maps(self, labels):
+        """(N, H, W) float32 tensor of border weight maps of the (N, H, W) labels, computed on the CPU."""
+        maps = [border_weight_map(label, self.w0, self.sigma, self.cells) for label in labels.detach().cpu().numpy()]
+        return torch.from_numpy(np.stack(maps)) if maps else torch.zeros(labels.shape)
+
+    def forward(self, logits, target, weights=None):
+        if check_logits_and_target(logits, target) != 1:
+            raise ValueError(f"WeightedBCEDiceLoss needs one logit channel (K = 1), got K = {logits.shape[1]}")
+        if weights is None:
+            weights = self.weight_maps(target)
+        elif tuple(weights.shape) != tuple(target.shape):
+            raise ValueError(f"weights must have the target's shape {tuple(target.shape)}, got {tuple(weights.shape)}")
+        weights = weights.to(device=logits.device, dtype=torch.float32)
+        pixel_losses = F.binary_cross_entropy_with_logits(logits[:, 0].float(), target.float(), reduction="none")
+        weighted = (weights * pixel_losses).sum() / weights.sum().clamp(min=torch.finfo(torch.float32).tiny)
+        return self.dice(logits, target) + weighted
+
+
+def build_loss(name, num_classes, border_w0=10.0, border_sigma=5.0, border_cells="background"):
+    """The loss called ``name`` (one of LOSSES) for a model with ``num_classes`` outputs; the border_*
+    settings (BORDER_W0, BORDER_SIGMA, BORDER_CELLS) shape the weight map of "weighted_bce_dice".
 
     Raises UserError for an unknown name, or for a cross-entropy that does not fit the
-    task: "bce" needs num_classes = 1 and "ce" needs num_classes >= 2.
+    task: "bce" and "weighted_bce_dice" need num_classes = 1 and "ce" needs num_classes >= 2.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -255,4 +357,9 @@ def build_loss(name, num_classes):
         return CELoss()
     if key == "varce":
         return VarianceConstrainedCELoss()
+    if key == "weighted_bce_dice":
+        if num_classes != 1:
+            raise UserError(f"loss 'weighted_bce_dice' weighs the borders of binary maps (1 output channel), but "
+                            f"this model has {num_classes} classes; use 'dice_bce'")
+        return WeightedBCEDiceLoss(border_w0, border_sigma, border_cells)
     return DiceBCELoss()

@@ -197,7 +197,7 @@ def unfinished_run(settings):
     except Exception:  # a damaged file: start afresh in a new folder, keep this one for the user
         say(f"notice: {point} cannot be read; {settings['RUN_NAME']} starts again in a new folder")
         return None
-    if experiment(recorded) != experiment(settings):
+    if not tables.same_settings(experiment(recorded), experiment(settings)):
         say(f"notice: {point} was made with other settings ({differences(experiment(recorded), experiment(settings))}); "
             f"starting a new run beside it")
         return None
@@ -273,7 +273,7 @@ def main(argv=None):
     todo = []
     for recipe, model, seed, settings in runs:
         recorded = find_record(records, recipe, model, seed)
-        if args.fresh or recorded is None or recorded["settings"] != experiment(settings):
+        if args.fresh or recorded is None or not tables.same_settings(recorded["settings"], experiment(settings)):
             todo.append((recipe, model, seed))
     estimate = sum(estimate_seconds(settings, TABLES[table]["dataset"]) for recipe, model, seed, settings in runs
                    if (recipe, model, seed) in todo)

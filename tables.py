@@ -14,6 +14,7 @@ from recipes import RECIPE_WHY, RECIPES
 # --- what each table is -----------------------------------------------------------------------------------
 TABLES = {"drive": {"dataset": "drive", "title": "DRIVE retinal vessel segmentation"},
           "drive_ablation_cpu": {"dataset": "drive", "title": "DRIVE ablation (the paper's Table VI), cpu recipe"}}
+ABLATION_TABLES = ("drive_ablation_cpu",)  # written by ablation.py: paired answers instead of the generic page
 
 
 
@@ -74,13 +75,29 @@ def finite(value):
 
 
 
+def same_settings(old, new):
+    """Whether two runs' settings describe the same experiment. A setting that did not exist when a run was
+    recorded matches when the other run has it at constants.py's default (the run behaved that way)."""
+    import constants
+    absent = object()
+    for key in set(old) | set(new):
+        first, second = old.get(key, absent), new.get(key, absent)
+        if first is absent:
+            first = getattr(constants, key, absent)
+        if second is absent:
+            second = getattr(constants, key, absent)
+        if first != second:
+            return False
+    return True
+
+
 def merge(records, new):
     """Add `new`; drop the record it replaces and every run of its row (recipe, model) made with other
     settings, so a row never mixes two configurations. Returns (records, dropped)."""
     kept, dropped = [], []
     for record in records:
         same_row = (record["recipe"], record["model"]) == (new["recipe"], new["model"])
-        if same_row and (record["seed"] == new["seed"] or record["settings"] != new["settings"]):
+        if same_row and (record["seed"] == new["seed"] or not same_settings(record["settings"], new["settings"])):
             dropped.append(record)
         else:
             kept.append(record)
@@ -288,7 +305,30 @@ def render_markdown(table, rows, records, figures):
 
 
 
+def write_ablation(table, out, records):
+    """The Table VI study's own page: paired answers per comparison, a per-seed figure (ablation.py)."""
+    import ablation
+    models = ["backbone", "backbone_dac", "backbone_dac_noatrous", "backbone_inception", "backbone_inception_res",
+              "backbone_rmp", "cenet", "unet"]
+    figure = Path(out) / "figures" / f"{table}_fov_auc.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    ablation.plot(records, models, networks.MODEL_TITLES, figure)
+    commands = list(dict.fromkeys(record.get("command", "") for record in records))
+    payload = {
+        "table": table, "dataset": TABLES[table]["dataset"],
+        "written": datetime.datetime.now().isoformat(timespec="seconds"),
+        "aggregation": "per model: mean and sample std (n-1) over seeds of each run's mean over the test images",
+        "paper_auc": ablation.PAPER_AUC, "comparisons": ablation.compare(records), "runs": records,
+    }
+    report.write_text(Path(out) / f"{table}.json", json.dumps(payload, indent=1) + "\n")
+    report.write_text(Path(out) / f"{table}.md", ablation.render(records, models, networks.MODEL_TITLES,
+                                                                 " / ".join(commands), f"figures/{figure.name}"))
+    return None
+
+
 def write_outputs(table, out, records, previous_figures):
+    if table in ABLATION_TABLES:
+        return write_ablation(table, out, records)
     rows = aggregate(records)
     figures = copy_figures(records, out, table, previous_figures)
     payload = {

@@ -9,6 +9,7 @@ import sys
 import data
 import devices
 import framework
+import loss as losses
 import networks
 import report
 import tasks
@@ -29,7 +30,9 @@ def say(rank, message):
 
 
 def training_tensors(settings):
-    """The training split as uint8 tensors: resized to IMAGE_SIZE, or at native resolution for crops."""
+    """The training split as uint8 tensors: resized to IMAGE_SIZE, or at native resolution for crops; and its
+    instance maps laid out alike (data.stack_instances) when the loss reads them and the dataset has them
+    (GlaS, MoNuSeg), else None."""
     spec = tasks.dataset(settings["DATASET"])
     samples = tasks.load_split(settings["DATASET"], settings["DATA_ROOT"], "train",
                                tasks.SplitOptions.from_settings(settings))
@@ -39,14 +42,20 @@ def training_tensors(settings):
         print(f"warning: {len(empty)} of {len(samples)} training labels have no foreground "
               f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}); check that the annotations are the "
               f"right files (a binary label counts every nonzero value as foreground)", file=sys.stderr)
+    instances = None
+    if getattr(losses.build_loss(settings["LOSS"], num_classes), "uses_instances", False) \
+            and all(sample.instances is not None for sample in samples):
+        instances = data.stack_instances(samples, None if settings["PATCH_SIZE"] else settings["IMAGE_SIZE"],
+                                         settings["PATCH_SCALE"] if settings["PATCH_SIZE"] else 1.0)
     if settings["PATCH_SIZE"]:
-        return data.stack_native(samples, num_classes, settings["PATCH_SCALE"],
-                                 settings["PREPROCESS"])
-    return data.stack_samples(samples, settings["IMAGE_SIZE"], num_classes, settings["PREPROCESS"])
+        return (*data.stack_native(samples, num_classes, settings["PATCH_SCALE"], settings["PREPROCESS"]),
+                instances)
+    return (*data.stack_samples(samples, settings["IMAGE_SIZE"], num_classes, settings["PREPROCESS"]), instances)
 
 
 def prepare(settings, rank):
-    """Everything before the first step: validation, data in memory, model with its encoder weights."""
+    """Everything before the first step: validation, data in memory, model with its encoder weights. Returns
+    (model, images, labels, encoder weights status, instance maps or None: see training_tensors)."""
     data.check_image_size(settings["PATCH_SIZE"] or settings["IMAGE_SIZE"])
     if settings["PATCH_SCALE"] != 1 and not settings["PATCH_SIZE"]:
         raise UserError(f"--patch-scale {settings['PATCH_SCALE']:g} applies to crop training only; add "
@@ -55,12 +64,12 @@ def prepare(settings, rank):
     settings = spec.with_classes(settings)  # a no-op after train() decided them; benchmark.py calls prepare alone
     if settings["MODEL"] not in networks.MODELS:
         networks.build_model(settings["MODEL"])  # raises the UserError listing valid names
-    images, labels = training_tensors(settings)
+    images, labels, instances = training_tensors(settings)
     devices.seed_everything(settings["SEED"])
     model = networks.build_model(settings["MODEL"], num_classes=spec.outputs(settings))
     status = networks.load_encoder_weights(model, settings["PRETRAINED"])
     say(rank, status)
-    return model, images, labels, status
+    return model, images, labels, status, instances
 
 
 def describe_input(settings, count):
@@ -127,12 +136,12 @@ def train(settings, given=frozenset()):
     devices.configure_speed(device, settings["DETERMINISTIC"])
     # --dataset folder: the classes its labels decide, recorded in settings.json and the checkpoint for test.py.
     settings = tasks.dataset(settings["DATASET"]).with_classes(settings)
-    model, images, labels, pretrained_status = prepare(settings, rank)
+    model, images, labels, pretrained_status, instances = prepare(settings, rank)
     if resume:
         model.load_state_dict(resume["state_dict"])
         pretrained_status = resume.get("pretrained", pretrained_status)
     trainer = framework.Trainer(model, images, labels, framework.TrainConfig.from_settings(settings), device,
-                                rank, world_size)
+                                rank, world_size, instances=instances)
     if resume:
         trainer.optimizer.load_state_dict(resume["optimizer"])
         if resume.get("scaler"):  # fp16 runs only; empty for bf16 and fp32

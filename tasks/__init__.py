@@ -15,6 +15,7 @@ from tasks.em_cells import ISBI2012
 from tasks.folder import FOLDER
 from tasks.glas import GLAS
 from tasks.lung import LUNG
+from tasks.monuseg import MONUSEG
 from tasks.oct import OCT
 from tasks.optic_disc import MESSIDOR, ORIGA, RIMONE
 from tasks.sample import Dataset, Sample
@@ -32,6 +33,7 @@ DATASETS = {
     "isbi2012": ISBI2012,
     "oct": OCT,
     "glas": GLAS,
+    "monuseg": MONUSEG,
     "folder": FOLDER,
 }
 

@@ -40,6 +40,10 @@ class Dataset:
     # once, before training; the run's settings record the answer as CLASS_VALUES (settings.json and the
     # checkpoint), and the reader reads every label with them, so test.py maps values as training did.
     label_values: Optional[Callable] = None
+    # Settings that score() also takes, as keyword arguments named in lower case (isbi2012: POSTPROCESS ->
+    # postprocess=...); evaluation passes them and records them in metrics.json. A dataset without one refuses
+    # such a setting given on the command line.
+    score_settings: tuple = ()
 
     def with_classes(self, settings):
         """`settings` with CLASS_VALUES decided, for a dataset whose labels decide its classes and settings that

@@ -267,3 +267,71 @@ def write_drishti(root, train=DRISHTI_TRAIN, test=DRISHTI_TEST, size=(112, 128))
         save(soft_map(height, width, centre, (5, 6, 7, 8)), maps / f"{name}_cupsegSoftmap.png")
         write_lines(root / folder / gt_folder / name / f"{name}_cdrValues.txt", ["0.50 0.45 0.48 0.47"])
     return root
+
+
+# --- MoNuSeg nuclei --------------------------------------------------------------------------------------
+
+MONUSEG_TRAIN = ("TCGA-A1-0001-01Z-00-DX1", "TCGA-A1-0002-01Z-00-DX1")
+MONUSEG_TEST = ("TCGA-B2-0003-01Z-00-DX1", "TCGA-B2-0004-01Z-00-DX1")
+MONUSEG_UNANNOTATED = ("TCGA-C3-0005-01Z-00-DX1",)
+
+
+def monuseg_outlines(shift=0):
+    """Three nucleus outlines (X, Y) vertex lists, the tile's column and row: a 20 x 16 rectangle, a 16 x 12
+    one overlapping its lower right corner by 6 x 6 pixels, and apart from both a right triangle with legs of
+    20. `shift` moves all three right."""
+    first = [(10, 10), (30, 10), (30, 26), (10, 26)]
+    second = [(24, 20), (40, 20), (40, 32), (24, 32)]
+    triangle = [(60, 40), (80, 40), (60, 60)]
+    return [[(x + shift, y) for x, y in outline] for outline in (first, second, triangle)]
+
+
+def monuseg_truth(shape, shift=0):
+    """The instance map a reader must make of `monuseg_outlines` (drawn here by hand, not by a rasteriser):
+    pixel centres inside, top and left edges in, bottom and right out; where the rectangles overlap the smaller
+    (id 2) keeps the pixels. Areas: 320 - 36 = 284, 192, and 20 + 19 + ... + 1 = 210."""
+    truth = np.zeros(shape, np.int32)
+    truth[10:26, 10 + shift:30 + shift] = 1
+    truth[20:32, 24 + shift:40 + shift] = 2
+    rows, columns = np.mgrid[:shape[0], :shape[1]]
+    truth[(rows >= 40) & (rows < 60) & (columns >= 60 + shift) & (columns < 120 + shift - rows)] = 3
+    return truth
+
+
+def aperio_xml(outlines):
+    """Aperio ImageScope XML as the MoNuSeg archives hold it: one <Region> of <Vertices> per outline."""
+    regions = []
+    for number, outline in enumerate(outlines, start=1):
+        vertices = "".join(f'<Vertex X="{x}" Y="{y}"/>' for x, y in outline)
+        regions.append(f'<Region Id="{number}" Type="0" Zoom="1" Text="" NegativeROA="0"><Attributes/>'
+                       f'<Vertices>{vertices}</Vertices></Region>')
+    return ('<Annotations MicronsPerPixel="0.252700"><Annotation Id="1" Type="4" LineColor="65280"><Attributes/>'
+            '<Regions><RegionAttributeHeaders><AttributeHeader Id="9999" Name="Region"/></RegionAttributeHeaders>'
+            + "".join(regions) + '</Regions><Plots/></Annotation></Annotations>\n')
+
+
+def he_tile(truth, seed):
+    """A pink H&E-like tile with dark purple nuclei where `truth` is nonzero."""
+    generator = np.random.default_rng(seed)
+    image = np.empty((*truth.shape, 3), np.uint8)
+    image[:] = (230, 170, 200)
+    image[truth > 0] = (90, 40, 130)
+    noise = generator.integers(0, 16, size=image.shape, dtype=np.uint8)
+    return (image - noise).astype(np.uint8)
+
+
+def write_monuseg(root, train=MONUSEG_TRAIN, test=MONUSEG_TEST, unannotated=MONUSEG_UNANNOTATED, size=(80, 96)):
+    """The official archives unpacked side by side: 'MoNuSeg 2018 Training Data/Tissue Images/<tile>.tif' with
+    'MoNuSeg 2018 Training Data/Annotations/<tile>.xml', and 'MoNuSegTestData/<tile>.tif' beside its .xml
+    (1000 x 1000 tiles there, `size` here). The `unannotated` training tiles have no XML, as in copies that
+    lack some. Tile k's outlines are `monuseg_outlines(shift=2 * k)`."""
+    root = Path(root)
+    training = root / "MoNuSeg 2018 Training Data"
+    places = [(name, training / "Tissue Images", training / "Annotations") for name in (*train, *unannotated)]
+    places += [(name, root / "MoNuSegTestData", root / "MoNuSegTestData") for name in test]
+    for index, (name, tile_folder, xml_folder) in enumerate(places):
+        save(he_tile(monuseg_truth(size, shift=2 * index), seed=300 + index), tile_folder / f"{name}.tif")
+        if name not in unannotated:
+            xml_folder.mkdir(parents=True, exist_ok=True)
+            (xml_folder / f"{name}.xml").write_text(aperio_xml(monuseg_outlines(shift=2 * index)))
+    return root

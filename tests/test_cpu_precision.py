@@ -1,5 +1,5 @@
-"""AMP on the CPU: bf16 autocast and channels_last where the processor computes bf16 natively, fp32 NCHW
-elsewhere; the choice named at start-up and recorded in checkpoints and metrics.json."""
+"""AMP on the CPU: bf16 autocast where the processor computes bf16 natively, fp32 elsewhere; training in NCHW,
+prediction in channels_last; the choice named at start-up and recorded in checkpoints and metrics.json."""
 import json
 
 import pytest
@@ -39,7 +39,7 @@ def test_the_real_queries_exist_in_this_torch():
 
 
 @pytest.mark.parametrize("native, amp, channels_last, dtype, layout, precision", [
-    (True, True, True, torch.bfloat16, torch.channels_last, "bf16 autocast"),
+    (True, True, True, torch.bfloat16, torch.contiguous_format, "bf16 autocast"),
     (True, True, False, torch.bfloat16, torch.contiguous_format, "bf16 autocast"),
     (True, False, True, None, torch.contiguous_format, "fp32"),
     (False, True, True, None, torch.contiguous_format, "fp32 (no native bf16: test CPU)"),
@@ -63,7 +63,7 @@ def test_precision_and_training_layout_follow_the_capability(native, amp, channe
 def test_startup_description_names_the_processor_and_the_choice(monkeypatch):
     monkeypatch.setattr(devices, "cpu_capability", lambda query=None: ("AVX-512 BF16", True))
     monkeypatch.setattr(devices, "cpu_model", lambda: "AMD EPYC")
-    assert devices.compute_description(CPU, True, True) == "cpu (AMD EPYC, AVX-512 BF16): bf16 autocast, channels-last"
+    assert devices.compute_description(CPU, True, True) == "cpu (AMD EPYC, AVX-512 BF16): bf16 autocast, NCHW"
     monkeypatch.setattr(devices, "cpu_capability", lambda query=None: ("AVX2", False))
     assert devices.compute_description(CPU, True, True) == "cpu (AMD EPYC, AVX2): fp32 (no native bf16: AVX2), NCHW"
     assert devices.compute_description(CPU, True, True, training=False).endswith("channels-last")
@@ -82,7 +82,7 @@ def small_trainer(amp):
 @pytest.mark.skipif(not NATIVE_BF16, reason=f"this CPU has no native bf16 ({devices.cpu_capability()[0]})")
 def test_a_bf16_step_keeps_weights_statistics_and_loss_in_fp32():
     trainer = small_trainer(amp=True)
-    assert trainer.format == torch.channels_last
+    assert trainer.format == torch.contiguous_format  # see devices.memory_format
     seen = []
     trainer.model.head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     before = {name: value.clone() for name, value in trainer.model.state_dict().items()}

@@ -299,3 +299,12 @@ def test_an_unfinished_run_with_other_settings_is_left_alone(tmp_path, capsys):
     assert "EPOCHS 3 -> 2" in capsys.readouterr().out
     torch.save({"settings": {**settings, "DEVICE": "cuda"}}, run_dir / "last.pth")  # the machine may differ
     assert reproduce.unfinished_run(settings) == run_dir / "last.pth"
+
+
+def test_a_setting_added_later_matches_its_default():
+    """A run recorded before a setting existed ran as its default; it stays recorded under the new code."""
+    import constants
+    old = {"EPOCHS": 280, "LOSS": "dice_bce"}
+    assert tables.same_settings(old, {**old, "SPLIT": constants.SPLIT})
+    assert not tables.same_settings(old, {**old, "SPLIT": "all"})
+    assert not tables.same_settings(old, {**old, "EPOCHS": 281})

@@ -238,7 +238,7 @@ def test_benchmark_runs_and_prints_its_figures(small_drive, capsys):
     projected = [name for name in numbers if name.startswith("projected main.py run, 300 steps")]
     assert projected and numbers[projected[0]] > 0  # 300 epochs of ceil(2 images / batch 2) steps
     # AMP is on by default: bf16 + channels_last on a CPU with native bf16, fp32 NCHW elsewhere.
-    runs_as = "bf16, channels_last" if devices.cpu_capability()[1] else "fp32, NCHW"
+    runs_as = "bf16, NCHW" if devices.cpu_capability()[1] else "fp32, NCHW"
     assert f"{runs_as}, eager, batch 2" in stdout
 
 
@@ -264,9 +264,9 @@ def test_compare_rows_keep_only_what_differs_on_the_device(monkeypatch):
 
 
 @pytest.mark.parametrize("native_bf16, expected", [
-    (True, ["fp32, NCHW, eager, batch 8", "fp32, channels_last, eager, batch 8",
-            "bf16, channels_last, eager, batch 8", "bf16, channels_last, compiled, batch 8"]),
-    # Without native bf16 the AMP row is the first row again, so only its compiled form is measured.
+    (True, ["fp32, NCHW, eager, batch 8", "fp32, channels_last, eager, batch 8", "bf16, NCHW, eager, batch 8",
+            "bf16, channels_last, eager, batch 8", "bf16, NCHW, compiled, batch 8"]),
+    # Without native bf16 the AMP rows are the first two again, so only the compiled form is measured.
     (False, ["fp32, NCHW, eager, batch 8", "fp32, channels_last, eager, batch 8", "fp32, NCHW, compiled, batch 8"]),
 ])
 def test_cpu_compare_rows_follow_the_bf16_capability(native_bf16, expected, monkeypatch):
