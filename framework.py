@@ -427,14 +427,8 @@ class Trainer:
 
     def batch(self):
         """This step's augmented, normalised batch, assembled on the device."""
-        images, labels, _ = self.batch_with_instances()
+        images, labels, _ = self.batch_with_maps()
         return images, labels
-
-    def batch_with_instances(self):
-        """`batch`, and the instance maps moved through the same crop and augmentation as its labels (one
-        resampling of both, so an id stays on its object's pixels); None when the run carries none."""
-        images, labels, extras = self.batch_with_maps()
-        return images, labels, extras.get("instances")
 
     def batch_with_maps(self):
         """`batch`, and the per-pixel maps the loss reads besides the labels, as the criterion's keyword

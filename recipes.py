@@ -43,6 +43,6 @@ RECIPE_WHY = {
            "it would otherwise spend its few steps learning: in 400-step runs it raised FOV AUC from 0.960 to "
            "0.969 and F1 from 0.764 to 0.787, where predicting at 1.5x (--patch-scale 1.5) lowered them. "
            "280 epochs = 1400 steps of batch 4: about 40 minutes in fp32 at 1.6-1.7 s a step (2-core AMD EPYC, "
-           "AVX2), about 18 minutes in bf16 at 0.77 s a step (2-core AMD EPYC with AVX-512 BF16, where AMP "
+           "AVX2), about 20 minutes in bf16 at 0.87 s a step (2-core AMD EPYC with AVX-512 BF16, where AMP "
            "trains in bf16).",
 }
