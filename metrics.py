@@ -471,6 +471,11 @@ def pairs_f1(pairs):
     return _ratio(2 * precision * recall, precision + recall) if true_positives else 0.0
 
 
+def _score_of_an_empty_map(found, real):
+    """An object score when a map has no object: NaN when both are empty (nothing to score), 0 when one is."""
+    return float("nan") if not found and not real else 0.0
+
+
 def object_dice(segmented, truth):
     """GlaS object Dice: 1/2 [sum_i g_i Dice(G_i, S*(G_i)) + sum_j s_j Dice(G*(S_j), S_j)], with weights
     g_i = |G_i| / sum |G| and s_j = |S_j| / sum |S|, and * the object of the other map overlapping most (none:
@@ -480,10 +485,8 @@ def object_dice(segmented, truth):
 
 def pairs_dice(pairs):
     found, real = pairs.counts
-    if not found and not real:
-        return float("nan")
     if not found or not real:
-        return 0.0
+        return _score_of_an_empty_map(found, real)
     inner = pairs.inner()
     return 0.5 * (_weighted_dice(inner.T, pairs.real_areas, pairs.found_areas)
                   + _weighted_dice(inner, pairs.found_areas, pairs.real_areas))
@@ -584,10 +587,8 @@ def aggregated_jaccard_index(segmented, truth):
 
 def pairs_aji(pairs):
     found, real = pairs.counts
-    if not found and not real:
-        return float("nan")
     if not found or not real:
-        return 0.0
+        return _score_of_an_empty_map(found, real)
     inner = pairs.inner().astype(np.float64)
     unions = pairs.found_areas[:, None] + pairs.real_areas[None, :] - inner  # > 0: every object has pixels
     iou = inner / unions
