@@ -53,6 +53,9 @@ def load_run(eval_dir):
 
 LOSS_TITLES = {"dice": "Dice", "bce": "BCE", "ce": "CE", "dice_bce": "Dice + BCE", "varce": "varCE"}
 PREPROCESS_TITLES = {"clahe": "CLAHE", "authors": "authors' preprocessing"}
+DATASET_TITLES = {"drive": "DRIVE", "chase": "CHASE_DB1", "drishti": "Drishti-GS1", "isbi2012": "ISBI 2012",
+                  "monuseg": "MoNuSeg", "glas": "GlaS", "origa": "ORIGA", "messidor": "Messidor", "rimone": "RIM-ONE"}
+EVAL_SCALE_TITLES = {"1": "training scale", "auto": "FOV-matched scale"}
 
 
 def carried_runs(table_path):
@@ -76,8 +79,9 @@ def carried_runs(table_path):
 
 def distinct_titles(runs):
     """Each run titled by its model; where several runs share a model, the title adds what tells them
-    apart: the loss ('FullNet, varCE'), the preprocessing ('CE-Net, CLAHE'), the scale of crops and
-    prediction ('CE-Net, 1.5x scale'), the number of steps ('CE-Net, 1500 steps'), 'no TTA'."""
+    apart: the training data ('CE-Net, trained on DRIVE'), the loss ('FullNet, varCE'), the preprocessing
+    ('CE-Net, CLAHE'), the scale of crops and prediction ('CE-Net, 1.5x scale', 'CE-Net, FOV-matched scale'),
+    the number of steps ('CE-Net, 1500 steps'), 'no TTA'."""
     for run in runs:
         run["title"] = networks.MODEL_TITLES.get(run["model"], run["model"])
     groups = {}
@@ -87,17 +91,23 @@ def distinct_titles(runs):
         if len(group) == 1:
             continue
         differ = {name: len({value(run) for run in group}) > 1 for name, value in (
-            ("loss", lambda run: run.get("loss")), ("preprocess", preprocess_of), ("scale", scale_of),
-            ("steps", lambda run: run.get("steps")), ("tta", tta_of))}
+            ("trained_on", trained_on), ("loss", lambda run: run.get("loss")), ("preprocess", preprocess_of),
+            ("scale", scale_of), ("eval_scale", eval_scale_of), ("steps", lambda run: run.get("steps")),
+            ("tta", tta_of))}
         for run in group:
             parts = [run["title"]]
+            if differ["trained_on"]:
+                parts.append(f"trained on {DATASET_TITLES.get(trained_on(run), trained_on(run))}")
             if differ["loss"]:
                 parts.append(LOSS_TITLES.get(run.get("loss"), str(run.get("loss"))))
             if differ["preprocess"] and preprocess_of(run) != "ours":
                 parts.append(PREPROCESS_TITLES.get(preprocess_of(run), preprocess_of(run)))
             if differ["scale"] and scale_of(run) != 1:
                 parts.append(f"{scale_of(run):g}x scale")
-            if differ["steps"] or not (differ["loss"] or differ["preprocess"] or differ["scale"] or differ["tta"]):
+            if differ["eval_scale"]:
+                parts.append(EVAL_SCALE_TITLES.get(eval_scale_of(run), f"{eval_scale_of(run)}x prediction scale"))
+            told_apart = ("trained_on", "loss", "preprocess", "scale", "eval_scale", "tta")
+            if differ["steps"] or not any(differ[name] for name in told_apart):
                 parts.append(f"{run.get('steps')} steps")
             if differ["tta"] and not tta_of(run):
                 parts.append("no TTA")
@@ -107,6 +117,15 @@ def distinct_titles(runs):
             if titles.count(run["title"]) > 1:
                 run["title"] += f" ({Path(run['checkpoint']).parent.name})"
     return runs
+
+
+def trained_on(run):
+    protocol = run.get("protocol", {})
+    return protocol.get("trained_on", protocol.get("dataset"))
+
+
+def eval_scale_of(run):
+    return str(run.get("protocol", {}).get("eval_scale", "1"))
 
 
 def preprocess_of(run):
@@ -122,8 +141,10 @@ def tta_of(run):
 
 
 def scored_alike(run):
+    """Runs with equal keys were scored on the same images in the same way, so their per-image numbers pair."""
     protocol = run["protocol"]
-    return (protocol.get("tta"), protocol.get("threshold"), protocol.get("scoring", "ours"))
+    return (protocol.get("dataset"), protocol.get("split", "test"), protocol.get("tta"), protocol.get("threshold"),
+            protocol.get("scoring", "ours"))
 
 
 def reference_pairs(runs):
@@ -140,8 +161,19 @@ def reference_pairs(runs):
 
 
 def evaluation_command(checkpoint, protocol):
-    """`python test.py` with the flags that reproduce the run's test protocol over constants.py."""
+    """`python test.py` with the flags that reproduce the run's test protocol over constants.py and the
+    checkpoint: the other dataset and its folder when the model is scored away from its training data, the
+    prediction scale, the split, TTA, threshold and scoring."""
     words = [f"python test.py --checkpoint {checkpoint}"]
+    dataset = protocol.get("dataset")
+    if dataset and protocol.get("trained_on") and dataset != protocol["trained_on"]:
+        words.append(f"--dataset {dataset}")
+        if protocol.get("data_root"):
+            words.append(f"--data-root {protocol['data_root']}")
+    if str(protocol.get("eval_scale", "1")) != "1":
+        words.append(f"--eval-scale {protocol['eval_scale']}")
+    if protocol.get("split", "test") != "test":
+        words.append(f"--split {protocol['split']}")
     if not protocol.get("tta", True):
         words.append("--tta false")
     if protocol.get("threshold", constants.THRESHOLD) != constants.THRESHOLD:

@@ -288,7 +288,7 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
     total_seconds = devices.timed(device) - start
     protocol = {
         "checkpoint": str(checkpoint), "model": settings["MODEL"], "dataset": settings["DATASET"],
-        "trained_on": trained_dataset, "split": split,
+        "trained_on": trained_dataset, "split": split, "data_root": str(settings["DATA_ROOT"]),
         "image_size": None if settings["PATCH_SIZE"] else settings["IMAGE_SIZE"],
         "input": input_description(settings, scales),
         "eval_scale": settings.get("EVAL_SCALE", "1"),

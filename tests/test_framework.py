@@ -45,6 +45,22 @@ def test_a_recipe_sits_between_constants_and_flags():
         settings(RECIPE="fast")
 
 
+@pytest.mark.parametrize("name", sorted(recipes.RECIPES))
+def test_every_recipe_sets_real_constants_of_their_type_and_says_why(name):
+    for key, value in recipes.RECIPES[name].items():
+        assert hasattr(constants, key), f"{name} sets {key}, which constants.py does not have"
+        assert isinstance(value, type(getattr(constants, key))), f"{name}: {key}={value!r}"
+    assert len(recipes.RECIPE_WHY[name]) > 40
+    values, _ = parsed(RECIPE=name)
+    assert all(values[key] == value for key, value in recipes.RECIPES[name].items())
+
+
+def test_disc_recipe_resizes_the_whole_crop():
+    values, _ = parsed(RECIPE="cpu_disc", DATASET="drishti")
+    assert values["PATCH_SIZE"] == 0 and values["IMAGE_SIZE"] == 320 and values["PRETRAINED"] == "none"
+    assert framework.TrainConfig.from_settings(values, sgd_kernel="loop").augment == "paper"
+
+
 @pytest.mark.parametrize("flag, value, words", [
     ("BATCH_SIZE", 0, "--batch-size 0 is out of range: it must be at least 1"),
     ("EPOCHS", -1, "--epochs -1 is out of range"),

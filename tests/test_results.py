@@ -141,10 +141,31 @@ def test_evaluation_command_reproduces_the_test_protocol():
         "python test.py --checkpoint w.pth --tta false --threshold 0.4 --protocol authors"
 
 
+def test_evaluation_command_names_the_other_dataset_its_folder_scale_and_split():
+    away = {"tta": True, "threshold": 0.5, "scoring": "ours", "dataset": "chase", "trained_on": "drive",
+            "data_root": "/data/CHASEDB1", "eval_scale": "auto", "split": "test"}
+    assert comparison.evaluation_command("d.pth", away) == \
+        "python test.py --checkpoint d.pth --dataset chase --data-root /data/CHASEDB1 --eval-scale auto"
+    at_home = {**away, "trained_on": "chase", "eval_scale": "1", "split": "all"}
+    assert comparison.evaluation_command("c.pth", at_home) == "python test.py --checkpoint c.pth --split all"
+
+
+def test_runs_of_one_model_are_told_apart_by_training_data_and_prediction_scale():
+    def run(trained_on, eval_scale):
+        return {"model": "cenet", "loss": "dice_bce", "steps": 1400,
+                "protocol": {"dataset": "chase", "trained_on": trained_on, "eval_scale": eval_scale}}
+    titles = [run["title"] for run in comparison.distinct_titles(
+        [run("chase", "1"), run("drive", "1"), run("drive", "auto")])]
+    assert titles == ["CE-Net, trained on CHASE_DB1, training scale", "CE-Net, trained on DRIVE, training scale",
+                      "CE-Net, trained on DRIVE, FOV-matched scale"]
+    assert [run["title"] for run in comparison.distinct_titles([run("drive", "1"), run("drive", "1.7")])] == [
+        "CE-Net, training scale", "CE-Net, 1.7x prediction scale"]
+
+
 def test_runs_are_paired_only_with_a_run_scored_the_same_way():
-    def run(tta, threshold=0.5):
-        return {"protocol": {"tta": tta, "threshold": threshold}}
-    runs = [run(True), run(True), run(False), run(True), run(False), run(True, 0.4)]
+    def run(tta, threshold=0.5, dataset="drive"):
+        return {"protocol": {"tta": tta, "threshold": threshold, "dataset": dataset}}
+    runs = [run(True), run(True), run(False), run(True), run(False), run(True, 0.4), run(True, dataset="chase")]
     assert comparison.reference_pairs(runs) == [(0, 1), (0, 3), (2, 4)]
 
 
