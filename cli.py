@@ -98,8 +98,8 @@ RANGES = {
     "WATERSHED_SEED": (lambda value: 0 < value < 1, "strictly between 0 and 1"),
     "PROTOCOL": (lambda value: value in ("ours", "authors"), "ours or authors"),
     "SPLIT": (lambda value: value in ("test", "train", "all"), "test, train or all"),
-    "EVAL_SCALE": (lambda value: value == "auto" or _scale_factor(value) is not None,
-                   "auto or a number in [0.25, 4], e.g. 1"),
+    "EVAL_SCALE": (lambda value: value in ("auto", "field") or _scale_factor(value) is not None,
+                   "auto, field or a number in [0.25, 4], e.g. 1"),
 }
 
 

@@ -78,7 +78,9 @@ SPLIT = "test"                # which images test.py scores: test, train, or all
 EVAL_SCALE = "1"              # models trained on crops (PATCH_SIZE): "1" predicts at the trained scale
                               # (PATCH_SCALE); "auto" resizes each image so its field of view has the diameter
                               # of the training set's (DRIVE: fov.DRIVE_FOV_DIAMETER, 540 px), for another
-                              # dataset's images (CHASE_DB1's FOV is 915 px); a number multiplies PATCH_SCALE
+                              # dataset's images (CHASE_DB1's FOV is 915 px); "field" also matches the
+                              # cameras' field angles (DRIVE 45, CHASE_DB1 30 degrees): equal pixels per
+                              # degree of retina; a number multiplies PATCH_SCALE
 VISDOM_SERVER = "http://localhost"
 VISDOM_PORT = 8097
 VISDOM = True                 # log to visdom when a server answers; training goes on without

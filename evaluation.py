@@ -187,24 +187,39 @@ def fov_of(sample):
     return sample.fov if sample.fov is not None else fov.estimate_fov(sample.image)
 
 
+def field_angle_ratio(evaluated, trained):
+    """Field angle of the evaluated dataset's camera over the training dataset's: CHASE_DB1 (30 degrees) for
+    a DRIVE model (45) gives 2/3, since the same FOV diameter then holds a smaller piece of retina, magnified."""
+    angles = {name: tasks.dataset(name).field_degrees for name in (evaluated, trained)}
+    unknown = [name for name, angle in angles.items() if angle is None]
+    if unknown:
+        known = [name for name in tasks.fundus_datasets() if tasks.dataset(name).field_degrees]
+        raise UserError(f"--eval-scale field needs the camera's field angle, which is recorded for "
+                        f"{', '.join(known)} only, not {' or '.join(map(repr, unknown))}; use --eval-scale auto "
+                        f"(FOV diameter only) or a number")
+    return angles[evaluated] / angles[trained]
+
+
 def evaluation_scales(samples, settings, trained_dataset):
     """The PATCH_SCALE each sample is predicted at: the checkpoint's, times EVAL_SCALE ("auto": per image, the
-    factor that gives its FOV the training dataset's fov_diameter). None for a model that
-    resizes every image to IMAGE_SIZE, where a scale would change nothing (ignored with a notice)."""
+    factor that gives its FOV the training dataset's fov_diameter; "field": that factor times the ratio of the
+    two cameras' field angles, so a degree of retina spans as many pixels as in training). None for a model
+    that resizes every image to IMAGE_SIZE, where a scale would change nothing (ignored with a notice)."""
     choice = settings.get("EVAL_SCALE", "1")
     if not settings["PATCH_SIZE"]:
-        if choice != "auto" and float(choice) == 1:
+        if choice not in ("auto", "field") and float(choice) == 1:
             return None
         print(f"notice: --eval-scale {choice} ignored: this model resizes every image to {settings['IMAGE_SIZE']} "
               f"px (PATCH_SIZE 0), whatever its size", file=sys.stderr)
         return None
-    if choice == "auto":
+    if choice in ("auto", "field"):
         reference = tasks.dataset(trained_dataset).fov_diameter
         if reference is None:
-            raise UserError(f"--eval-scale auto matches each image's field of view to the training set's, which is "
-                            f"known for {', '.join(tasks.fundus_datasets())} only, not {trained_dataset!r}; use "
+            raise UserError(f"--eval-scale {choice} matches each image's field of view to the training set's, which "
+                            f"is known for {', '.join(tasks.fundus_datasets())} only, not {trained_dataset!r}; use "
                             f"--eval-scale 1 or a number")
-        factors = [fov.scale_to_match(fov_of(sample), reference) for sample in samples]
+        angles = field_angle_ratio(settings["DATASET"], trained_dataset) if choice == "field" else 1.0
+        factors = [fov.scale_to_match(fov_of(sample), reference) * angles for sample in samples]
     else:
         factors = [float(choice)] * len(samples)
     # Rounded, so that images of equal FOV diameter get equal scales and share a batch.

@@ -84,5 +84,5 @@ NOTES = ("CHASE_DB1: metrics at the original resolution (999 x 960) against the 
          "same FOV: the human baseline.")
 
 CHASE = Dataset(read_chase, num_classes=1, score=score_chase, notes=NOTES, family="fundus vessels",
-                fov_diameter=CHASE_FOV_DIAMETER,
+                fov_diameter=CHASE_FOV_DIAMETER, field_degrees=30,
                 source="CHASE_DB1, https://blogs.kingston.ac.uk/retinal/chasedb1/ (free download)")

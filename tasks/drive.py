@@ -105,5 +105,6 @@ AUTHORS_NOTES = ("The authors' protocol (their test_cenet.py): whole image again
                  "(which thickens vessels).")
 
 DRIVE = Dataset(read_drive, num_classes=1, score=score_vessels, notes=NOTES, fov_diameter=fov.DRIVE_FOV_DIAMETER,
+                field_degrees=45,
                 authors_score=score_vessels_as_authors, authors_notes=AUTHORS_NOTES, family="fundus vessels",
                 source="DRIVE, https://drive.grand-challenge.org (registration required)")

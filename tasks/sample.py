@@ -35,6 +35,9 @@ class Dataset:
     # --eval-scale auto (test.py) and --scale auto (predict.py) bring other photographs to for this
     # dataset's models. None: not a fundus dataset (those options then refuse with one line).
     fov_diameter: Optional[float] = None
+    # The camera's field angle (degrees across the FOV) where the dataset's paper states it: with fov_diameter
+    # it gives pixels per degree of retina, which --eval-scale field matches between two datasets.
+    field_degrees: Optional[float] = None
     # A dataset whose labels decide its classes (folder) has num_classes 0 and this instead:
     # label_values(root: Path, options: SplitOptions) -> the stored label values of classes 0..K-1. It is asked
     # once, before training; the run's settings record the answer as CLASS_VALUES (settings.json and the

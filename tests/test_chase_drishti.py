@@ -261,6 +261,19 @@ def test_eval_scale_auto_matches_the_fov_to_drives(capsys):
         settings("--eval-scale", "big")
 
 
+def test_eval_scale_field_also_matches_the_cameras_field_angles():
+    samples = [sample_with_fov(2 * fov.DRIVE_FOV_DIAMETER)]
+    # CHASE_DB1's camera spans 30 degrees, DRIVE's 45: at equal FOV diameters a CHASE_DB1 vessel is 1.5x wider.
+    on_chase = scale_settings(EVAL_SCALE="field", DATASET="chase")
+    assert evaluation.evaluation_scales(samples, on_chase, "drive") == [round(0.5 * 30 / 45, 4)]
+    assert evaluation.evaluation_scales(samples, {**on_chase, "DATASET": "drive"}, "drive") == [0.5]
+    assert evaluation.evaluation_scales(samples, {**on_chase, "DATASET": "drive"}, "chase") == \
+        [round(chase.CHASE_FOV_DIAMETER / (2 * fov.DRIVE_FOV_DIAMETER) * 45 / 30, 4)]
+    with pytest.raises(UserError, match="field angle, which is recorded for drive, chase only, not 'origa'"):
+        evaluation.evaluation_scales(samples, {**on_chase, "DATASET": "origa"}, "drive")
+    assert settings("--eval-scale", "field")[0]["EVAL_SCALE"] == "field"
+
+
 def test_eval_scale_auto_estimates_a_missing_fov():
     image, field, _, _ = fixtures.vessel_fundus(240, 240, seed=0)
     sample = tasks.Sample("e", image, np.zeros((240, 240), np.uint8))
