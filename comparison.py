@@ -55,7 +55,8 @@ LOSS_TITLES = {"dice": "Dice", "bce": "BCE", "ce": "CE", "dice_bce": "Dice + BCE
 PREPROCESS_TITLES = {"clahe": "CLAHE", "authors": "authors' preprocessing"}
 DATASET_TITLES = {"drive": "DRIVE", "chase": "CHASE_DB1", "drishti": "Drishti-GS1", "isbi2012": "ISBI 2012",
                   "monuseg": "MoNuSeg", "glas": "GlaS", "origa": "ORIGA", "messidor": "Messidor", "rimone": "RIM-ONE"}
-EVAL_SCALE_TITLES = {"1": "training scale", "auto": "FOV-matched scale"}
+EVAL_SCALE_TITLES = {"1": "training scale", "auto": "FOV-matched scale", "field": "field-angle-matched scale"}
+SPLIT_TITLES = {"train": "training images", "all": "training and test images"}
 
 
 def carried_runs(table_path):
@@ -81,7 +82,7 @@ def distinct_titles(runs):
     """Each run titled by its model; where several runs share a model, the title adds what tells them
     apart: the training data ('CE-Net, trained on DRIVE'), the loss ('FullNet, varCE'), the preprocessing
     ('CE-Net, CLAHE'), the scale of crops and prediction ('CE-Net, 1.5x scale', 'CE-Net, FOV-matched scale'),
-    the number of steps ('CE-Net, 1500 steps'), 'no TTA'."""
+    the number of steps ('CE-Net, 1500 steps'), 'no TTA', the images scored ('training and test images')."""
     for run in runs:
         run["title"] = networks.MODEL_TITLES.get(run["model"], run["model"])
     groups = {}
@@ -93,7 +94,7 @@ def distinct_titles(runs):
         differ = {name: len({value(run) for run in group}) > 1 for name, value in (
             ("trained_on", trained_on), ("loss", lambda run: run.get("loss")), ("preprocess", preprocess_of),
             ("scale", scale_of), ("eval_scale", eval_scale_of), ("steps", lambda run: run.get("steps")),
-            ("tta", tta_of))}
+            ("tta", tta_of), ("split", split_of))}
         for run in group:
             parts = [run["title"]]
             if differ["trained_on"]:
@@ -106,11 +107,13 @@ def distinct_titles(runs):
                 parts.append(f"{scale_of(run):g}x scale")
             if differ["eval_scale"]:
                 parts.append(EVAL_SCALE_TITLES.get(eval_scale_of(run), f"{eval_scale_of(run)}x prediction scale"))
-            told_apart = ("trained_on", "loss", "preprocess", "scale", "eval_scale", "tta")
+            told_apart = ("trained_on", "loss", "preprocess", "scale", "eval_scale", "tta", "split")
             if differ["steps"] or not any(differ[name] for name in told_apart):
                 parts.append(f"{run.get('steps')} steps")
             if differ["tta"] and not tta_of(run):
                 parts.append("no TTA")
+            if differ["split"] and split_of(run) != "test":
+                parts.append(SPLIT_TITLES.get(split_of(run), split_of(run)))
             run["title"] = ", ".join(parts)
         titles = [run["title"] for run in group]
         for run in group:  # differing in something else (a learning rate, a seed): the run's folder says which
@@ -122,6 +125,10 @@ def distinct_titles(runs):
 def trained_on(run):
     protocol = run.get("protocol", {})
     return protocol.get("trained_on", protocol.get("dataset"))
+
+
+def split_of(run):
+    return run.get("protocol", {}).get("split", "test")
 
 
 def eval_scale_of(run):
@@ -219,7 +226,7 @@ def paired(first, other, metric_names):
         difference = a - b
         result[name] = {"images": int(keep.sum()), "mean_difference": float(difference.mean()) if a.size else None,
                         "first_higher": int((difference > 0).sum()), "other_higher": int((difference < 0).sum()),
-                        "wilcoxon_p": wilcoxon_p(a, b)}
+                        "wilcoxon_p": wilcoxon_p(a, b), "identical": bool(a.size) and bool(np.array_equal(a, b))}
     return result
 
 
@@ -261,13 +268,19 @@ def render_markdown(title, runs, comparisons, metric_names, figures, notes=()):
                   "Differences taken image by image over the same test images; p = two-sided Wilcoxon "
                   "signed-rank test of those differences.", ""]
         body = []
+        # A figure that does not depend on the model (the 2nd annotator's) is equal on every image.
+        identical = [name for name in metric_names if comparison[name].get("identical")]
         for name in metric_names:
+            if name in identical:
+                continue
             entry = comparison[name]
             p_value = "n/a" if entry["wilcoxon_p"] is None else f"{entry['wilcoxon_p']:.2g}"
             mean = "n/a" if entry["mean_difference"] is None else f"{entry['mean_difference']:+.4f}"
             body.append([name, mean, f"{entry['first_higher']} of {entry['images']}", p_value])
         lines.append(report.markdown_table(
             ["metric", "mean difference", f"images where {reference['title']} is higher", "Wilcoxon p"], body))
+        if identical:
+            lines += [f"Equal on every image for both, so not compared: {', '.join(identical)}.", ""]
     lines += ["## How these were made", ""]
     for run in runs:
         machine = f" on {run['train_machine']}" if run["train_machine"] else ""
