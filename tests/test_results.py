@@ -2,6 +2,7 @@
 checkpoint reproducing the committed numbers through test.py on the 20 DRIVE test images."""
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -12,13 +13,17 @@ import comparison
 import devices
 import evaluation
 import framework
+import main
 import networks
 from conftest import REPO, run_script
 from errors import UserError
+from tasks import chase
 
 RELEASED = REPO / "weights" / "released" / "cenet_drive_cpu_clahe.pth"
 EARLIER_RELEASE = REPO / "weights" / "released" / "cenet_drive_cpu.pth"  # kept: its rows stay reproducible
 COMMITTED = REPO / "results" / "drive_cpu.json"
+COMMITTED_CHASE = REPO / "results" / "chase_cpu.json"
+CHASE = Path(os.environ.get("CHASE_ROOT", REPO.parent / "shared" / "CHASEDB1"))
 
 
 def fake_run(values, name="a"):
@@ -37,6 +42,11 @@ def test_paired_comparison_by_hand():
     assert (auc["first_higher"], auc["other_higher"], auc["images"]) == (5, 0, 5)
     assert auc["wilcoxon_p"] == pytest.approx(0.0625)
     assert result["FOV F1"]["wilcoxon_p"] is None and result["FOV F1"]["mean_difference"] == 0.0
+    assert result["FOV F1"]["identical"] and not auc["identical"]
+    runs = [full_fake_run("cenet", [0.90, 0.92, 0.94, 0.96, 0.98], 750), full_fake_run("unet", [0.89] * 5, 130)]
+    page = comparison.render_markdown("t", runs, [(runs[0], runs[1], result)], ["FOV AUC", "FOV F1"], [])
+    assert "| FOV AUC | +0.0300 | 5 of 5 | 0.062 |" in page and "| FOV F1 | +" not in page
+    assert "Equal on every image for both, so not compared: FOV F1." in page
     with pytest.raises(UserError, match="share no test image"):
         comparison.paired(first, {"eval_dir": "c", "per_image": {"99": {"FOV AUC": 1.0}}}, ["FOV AUC"])
 
@@ -160,6 +170,10 @@ def test_runs_of_one_model_are_told_apart_by_training_data_and_prediction_scale(
                       "CE-Net, trained on DRIVE, FOV-matched scale"]
     assert [run["title"] for run in comparison.distinct_titles([run("drive", "1"), run("drive", "1.7")])] == [
         "CE-Net, training scale", "CE-Net, 1.7x prediction scale"]
+    every_image = run("drive", "field")
+    every_image["protocol"]["split"] = "all"
+    assert [run["title"] for run in comparison.distinct_titles([run("drive", "field"), every_image])] == [
+        "CE-Net", "CE-Net, training and test images"]
 
 
 def test_runs_are_paired_only_with_a_run_scored_the_same_way():
@@ -231,6 +245,29 @@ def test_released_checkpoint_reproduces_the_committed_numbers(released, tta, dri
         assert summary[key]["mean"] == pytest.approx(expected["mean"], abs=1e-3), key
         assert summary[key]["std"] == pytest.approx(expected["std"], abs=1e-3), key
     assert re.search(r"FOV AUC\s+0\.\d{4} ± 0\.\d{4}", result.stdout)
+
+
+def test_released_drive_model_on_chase_reproduces_the_committed_cross_dataset_row(tmp_path, monkeypatch):
+    """Two images of the committed DRIVE -> CHASE_DB1 row without TTA, at the FOV-matched scale, in fp32,
+    through test.py's whole evaluation: a change to the CHASE reader, the FOV estimate, the scale matching,
+    the resampling or the scoring fails here, per image."""
+    if not (CHASE / "Image_14R.jpg").is_file():
+        pytest.skip(f"CHASE_DB1 not found at {CHASE} (set CHASE_ROOT)")
+    row = next(run for run in json.loads(COMMITTED_CHASE.read_text())["runs"]
+               if Path(run["checkpoint"]).name == RELEASED.name and not run["protocol"]["tta"]
+               and run["protocol"]["eval_scale"] == "auto" and run["protocol"]["split"] == "test")
+    picked = ("11L", "13R")
+    monkeypatch.setitem(chase.SPLITS, "test", picked)
+    chosen, given = main.parse_settings(["--dataset", "chase", "--data-root", str(CHASE), "--eval-scale", "auto",
+                                         "--tta", "false", "--amp", "false", "--device", "cpu"])
+    _, out, _ = evaluation.evaluate(RELEASED, chosen, given, out_dir=tmp_path / "chase")
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["protocol"]["precision"] == "fp32" and sorted(written["per_image"]) == sorted(picked)
+    for name in picked:
+        assert written["protocol"]["scales"][name] == row["protocol"]["scales"][name]
+        for key in ("FOV AUC", "FOV F1", "FOV Sen", "2nd annotator FOV F1"):
+            assert written["per_image"][name][key] == pytest.approx(row["per_image"][name][key], abs=2e-3), \
+                (name, key)
 
 
 # Measured on the 20 DRIVE test images without TTA (2-core AMD EPYC with AVX-512 BF16): bf16 autocast moved
