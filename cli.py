@@ -8,6 +8,7 @@ import sys
 
 import constants
 import recipes
+from fov import FOV_SCALE_RULES
 from data import AUGMENTATIONS, PREPROCESSINGS
 from errors import UserError
 from loss import BORDER_CELLS
@@ -98,7 +99,7 @@ RANGES = {
     "WATERSHED_SEED": (lambda value: 0 < value < 1, "strictly between 0 and 1"),
     "PROTOCOL": (lambda value: value in ("ours", "authors"), "ours or authors"),
     "SPLIT": (lambda value: value in ("test", "train", "all"), "test, train or all"),
-    "EVAL_SCALE": (lambda value: value in ("auto", "field") or _scale_factor(value) is not None,
+    "EVAL_SCALE": (lambda value: value in FOV_SCALE_RULES or _scale_factor(value) is not None,
                    "auto, field or a number in [0.25, 4], e.g. 1"),
 }
 

@@ -207,12 +207,12 @@ def evaluation_scales(samples, settings, trained_dataset):
     that resizes every image to IMAGE_SIZE, where a scale would change nothing (ignored with a notice)."""
     choice = settings.get("EVAL_SCALE", "1")
     if not settings["PATCH_SIZE"]:
-        if choice not in ("auto", "field") and float(choice) == 1:
+        if choice not in fov.FOV_SCALE_RULES and float(choice) == 1:
             return None
         print(f"notice: --eval-scale {choice} ignored: this model resizes every image to {settings['IMAGE_SIZE']} "
               f"px (PATCH_SIZE 0), whatever its size", file=sys.stderr)
         return None
-    if choice in ("auto", "field"):
+    if choice in fov.FOV_SCALE_RULES:
         reference = tasks.dataset(trained_dataset).fov_diameter
         if reference is None:
             raise UserError(f"--eval-scale {choice} matches each image's field of view to the training set's, which "

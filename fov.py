@@ -39,6 +39,10 @@ WORKING_SIDE = 1024         # a photograph with a longer shorter side is measure
 # 535 to 541 px over the 20 masks (median 540), in 565 x 584 images.
 DRIVE_FOV_DIAMETER = 540
 
+# The EVAL_SCALE rules that derive each image's scale from its field of view (the others are numbers):
+# "auto" matches FOV diameters, "field" also the cameras' field angles (evaluation.evaluation_scales).
+FOV_SCALE_RULES = ("auto", "field")
+
 
 # Erosion and dilation by a disc (a square would cut the FOV's curve) through Euclidean distance transforms:
 # the same pixels as ndimage.binary_erosion / binary_dilation with a disc, at a cost that does not grow with
