@@ -40,7 +40,7 @@ def load_run(eval_dir):
     return {
         "eval_dir": str(eval_dir), "checkpoint": checkpoint, "model": model,
         "title": networks.MODEL_TITLES.get(model, model), "loss": settings.get("LOSS"),
-        "patch_scale": settings.get("PATCH_SCALE", 1.0),
+        "augment": settings.get("AUGMENT"), "patch_scale": settings.get("PATCH_SCALE", 1.0),
         "summary": evaluated["summary"], "per_image": evaluated["per_image"], "protocol": evaluated["protocol"],
         "steps": payload.get("step"), "train_seconds": payload.get("train_seconds"),
         "eval_seconds": evaluated["seconds"]["total_after_load"], "pretrained": payload.get("pretrained"),
@@ -53,6 +53,8 @@ def load_run(eval_dir):
 
 LOSS_TITLES = {"dice": "Dice", "bce": "BCE", "ce": "CE", "dice_bce": "Dice + BCE", "varce": "varCE"}
 PREPROCESS_TITLES = {"clahe": "CLAHE", "authors": "authors' preprocessing"}
+AUGMENT_TITLES = {"paper": "paper's augmentation", "authors_code": "authors' augmentation", "flips": "flips only",
+                  "elastic": "elastic augmentation", "camera": "camera augmentation", "none": "no augmentation"}
 DATASET_TITLES = {"drive": "DRIVE", "chase": "CHASE_DB1", "drishti": "Drishti-GS1", "isbi2012": "ISBI 2012",
                   "monuseg": "MoNuSeg", "glas": "GlaS", "origa": "ORIGA", "messidor": "Messidor", "rimone": "RIM-ONE"}
 EVAL_SCALE_TITLES = {"1": "training scale", "auto": "FOV-matched scale", "field": "field-angle-matched scale"}
@@ -72,17 +74,20 @@ def carried_runs(table_path):
     if not isinstance(table, dict) or not table.get("runs"):
         raise UserError(f"{path} has no runs; --carry takes a <name>.json that compare.py wrote")
     runs = table["runs"]
-    for run in runs:
-        if "loss" not in run and Path(run.get("checkpoint", "")).is_file():
-            run["loss"] = framework.read_checkpoint(run["checkpoint"]).get("settings", {}).get("LOSS")
-    return runs, path.parent, table.get("figures", [])
+    for run in runs:  # tables written before these were recorded: from the checkpoint, where it is still here
+        missing = [key for key in ("loss", "augment") if key not in run]
+        if missing and Path(run.get("checkpoint", "")).is_file():
+            settings = framework.read_checkpoint(run["checkpoint"]).get("settings", {})
+            run.update({key: settings.get(key.upper()) for key in missing})
+    return runs, path.parent, table.get("figures", []), table.get("notes", [])
 
 
 def distinct_titles(runs):
     """Each run titled by its model; where several runs share a model, the title adds what tells them
-    apart: the training data ('CE-Net, trained on DRIVE'), the loss ('FullNet, varCE'), the preprocessing
-    ('CE-Net, CLAHE'), the scale of crops and prediction ('CE-Net, 1.5x scale', 'CE-Net, FOV-matched scale'),
-    the number of steps ('CE-Net, 1500 steps'), 'no TTA', the images scored ('training and test images')."""
+    apart: the training data ('CE-Net, trained on DRIVE'), the loss ('FullNet, varCE'), the augmentation
+    ('CE-Net, camera augmentation'; only where recorded), the preprocessing ('CE-Net, CLAHE'), the scale of
+    crops and prediction ('CE-Net, 1.5x scale', 'CE-Net, FOV-matched scale'), the number of steps ('CE-Net, 1500
+    steps'), 'no TTA', the images scored ('training and test images')."""
     for run in runs:
         run["title"] = networks.MODEL_TITLES.get(run["model"], run["model"])
     groups = {}
@@ -92,7 +97,8 @@ def distinct_titles(runs):
         if len(group) == 1:
             continue
         differ = {name: len({value(run) for run in group}) > 1 for name, value in (
-            ("trained_on", trained_on), ("loss", lambda run: run.get("loss")), ("preprocess", preprocess_of),
+            ("trained_on", trained_on), ("loss", lambda run: run.get("loss")),
+            ("augment", lambda run: run.get("augment")), ("preprocess", preprocess_of),
             ("scale", scale_of), ("eval_scale", eval_scale_of), ("steps", lambda run: run.get("steps")),
             ("tta", tta_of), ("split", split_of))}
         for run in group:
@@ -101,13 +107,15 @@ def distinct_titles(runs):
                 parts.append(f"trained on {DATASET_TITLES.get(trained_on(run), trained_on(run))}")
             if differ["loss"]:
                 parts.append(LOSS_TITLES.get(run.get("loss"), str(run.get("loss"))))
+            if differ["augment"] and run.get("augment"):
+                parts.append(AUGMENT_TITLES.get(run["augment"], run["augment"]))
             if differ["preprocess"] and preprocess_of(run) != "ours":
                 parts.append(PREPROCESS_TITLES.get(preprocess_of(run), preprocess_of(run)))
             if differ["scale"] and scale_of(run) != 1:
                 parts.append(f"{scale_of(run):g}x scale")
             if differ["eval_scale"]:
                 parts.append(EVAL_SCALE_TITLES.get(eval_scale_of(run), f"{eval_scale_of(run)}x prediction scale"))
-            told_apart = ("trained_on", "loss", "preprocess", "scale", "eval_scale", "tta", "split")
+            told_apart = ("trained_on", "loss", "augment", "preprocess", "scale", "eval_scale", "tta", "split")
             if differ["steps"] or not any(differ[name] for name in told_apart):
                 parts.append(f"{run.get('steps')} steps")
             if differ["tta"] and not tta_of(run):
@@ -342,8 +350,10 @@ def keep_figures(names, table_dir, out):
 def write(name, title, eval_dirs, out, overlay="01", notes=(), carry=None, carry_after=False):
     """`carry`: a table written before whose runs come first (its first run stays the reference), with
     its figures where the first run's test.py folder is no longer on this disk; with `carry_after` they
-    come after the new runs, so the first new run becomes the reference."""
-    carried, carried_dir, carried_figures = carried_runs(carry) if carry else ([], None, [])
+    come after the new runs, so the first new run becomes the reference. The carried table's notes stay, before
+    the new ones."""
+    carried, carried_dir, carried_figures, carried_notes = carried_runs(carry) if carry else ([], None, [], [])
+    notes = list(dict.fromkeys([*carried_notes, *notes]))
     new = [load_run(path) for path in eval_dirs]
     runs = distinct_titles(new + carried if carry_after else carried + new)
     if not runs:

@@ -47,7 +47,8 @@ POLY_POWER = 0.9              # lr = LR * (1 - step / total_steps) ** POLY_POWER
 WARMUP_STEPS = 0              # linear warm-up of the LR over the first steps (0: none, as in the paper)
 AUGMENT = "paper"             # paper: dihedral flips, 90-110 % scaling, shift, HSV jitter; authors_code: as
                               # the authors' code (each with probability 0.5, aspect jitter); flips; elastic
-                              # (flips + a smooth random elastic deformation, as EM work uses); none
+                              # (flips + a smooth random elastic deformation, as EM work uses); camera (paper's,
+                              # scale log-uniform in [1/1.5, 1.5]: for other cameras' vessel widths); none
 ELASTIC_ALPHA = 10.0          # elastic: std (px) of the random displacement of each control point (0: identity)
 ELASTIC_SPACING = 128         # elastic: control points at most this many px apart over each crop, bicubic between
 SEED = 0

@@ -47,6 +47,11 @@ VALUE_SHIFT = 15 / 255
 # 2012 setting is a 3 x 3 grid with 10 px standard deviation; 128 px spacing is that grid on a 256 px crop.
 ELASTIC_ALPHA = 10.0    # standard deviation (px) of each control point's displacement, per axis
 ELASTIC_SPACING = 128   # largest distance (px) between neighbouring control points
+# "camera": scale drawn log-uniformly over [1/f, f]. Cameras differ in pixels per degree of retina (DRIVE 540 px
+# across 45 degrees, CHASE_DB1 about 915 across 30) and annotators in how wide they draw a vessel; a rescaling rule
+# at prediction time (--eval-scale) matches the first only as well as its assumptions. On CHASE_DB1 the two rules'
+# factors (FOV diameter alone, 0.59; with the field angles, 0.39) differ by 1.5, the range given here.
+CAMERA_SCALE_FACTOR = 1.5
 
 # AUGMENT's choices. "paper" applies every transform to every sample. "authors_code" follows the authors'
 # released data.py: each transform with probability 0.5, an aspect-ratio jitter of +-10 % besides the
@@ -54,13 +59,15 @@ ELASTIC_SPACING = 128   # largest distance (px) between neighbouring control poi
 # only the 8 dihedral variants: exact, label-preserving copies, which a short run from random weights
 # learns from fastest (see recipes.py). "elastic" is the 8 flips plus a smooth random elastic deformation
 # (`draw_displacements`), the augmentation of EM membrane work (Ciresan et al. 2012, U-Net 2015): cells bend
-# and stretch from slice to slice, and a deformed membrane is still a membrane.
+# and stretch from slice to slice, and a deformed membrane is still a membrane. "camera" is the paper's
+# transforms with the scale widened to CAMERA_SCALE_FACTOR either way, for a model meant to meet other cameras.
 AUGMENTATIONS = {
     "paper": {"flips": True, "scale_shift": True, "colour": True},
     "authors_code": {"flips": True, "scale_shift": True, "colour": True, "probability": 0.5, "aspect": 0.1,
                      "colour_first": True},
     "flips": {"flips": True, "scale_shift": False, "colour": False},
     "elastic": {"flips": True, "scale_shift": False, "colour": False, "elastic": True},
+    "camera": {"flips": True, "scale_shift": True, "colour": True, "scale_factor": CAMERA_SCALE_FACTOR},
     "none": {"flips": False, "scale_shift": False, "colour": False},
 }
 
@@ -309,14 +316,19 @@ def hsv_to_rgb(hsv):
 # Augmentation
 # --------------------------------------------------------------------------------------------
 
-def random_affine(batch, generator, flips=True, scale_shift=True, aspect=0.0, probability=1.0):
-    """Per-sample 2x3 matrices (output -> input, normalised coordinates): dihedral variant, scale in
-    SCALE_RANGE, shift up to SHIFT_FRACTION of the side; with `aspect` a, the two axes are scaled by
+def random_affine(batch, generator, flips=True, scale_shift=True, aspect=0.0, probability=1.0, scale_factor=None):
+    """Per-sample 2x3 matrices (output -> input, normalised coordinates): dihedral variant, scale uniform in
+    SCALE_RANGE (or, with `scale_factor` f, log-uniform in [1/f, f], so that zooming in and out by the same
+    ratio are equally likely), shift up to SHIFT_FRACTION of the side; with `aspect` a, the two axes are scaled by
     s * sqrt(r) and s / sqrt(r), r uniform in [1 - a, 1 + a]; scale and shift apply to a sample with
     `probability`. A part switched off is the identity; the numbers of the default parts are drawn either
     way, so switching one part off leaves the others' draws unchanged."""
     variants = torch.randint(0, 8, (batch,), generator=generator)
-    scales = torch.empty(batch).uniform_(*SCALE_RANGE, generator=generator)
+    if scale_factor is None:
+        scales = torch.empty(batch).uniform_(*SCALE_RANGE, generator=generator)
+    else:  # one draw per sample either way, so the draws after it are those of the uniform range
+        log_factor = math.log(scale_factor)
+        scales = torch.empty(batch).uniform_(-log_factor, log_factor, generator=generator).exp()
     # Normalised coordinates span 2 units per side, so a shift of f of the side is 2f units.
     shifts = torch.empty(batch, 2).uniform_(-2 * SHIFT_FRACTION, 2 * SHIFT_FRACTION, generator=generator)
     ratios = torch.empty(batch).uniform_(1 - aspect, 1 + aspect, generator=generator) if aspect \
@@ -355,7 +367,7 @@ def draw_augmentation(count, generator, mode="paper"):
     parts = augmentation_parts(mode)
     probability = parts.get("probability", 1.0)
     return (random_affine(count, generator, parts["flips"], parts["scale_shift"], parts.get("aspect", 0.0),
-                          probability),
+                          probability, parts.get("scale_factor")),
             random_hsv_shifts(count, generator, parts["colour"], probability))
 
 

@@ -54,8 +54,9 @@ def check_dataset(trained, wanted, path):
                         f"classes ({dataset_kind(trained)}; {dataset_kind(wanted)}); drop the flag or pick a "
                         f"matching checkpoint")
     print(f"notice: cross-dataset evaluation: a model trained on {trained} scored on {wanted} without retraining "
-          f"(both {tasks.dataset(trained).family}); images from another camera may need --eval-scale auto "
-          f"(docs/datasets.md)", file=sys.stderr)
+          f"(both {tasks.dataset(trained).family}); images from another camera may need --eval-scale field "
+          f"(matches FOV diameters and the cameras' field angles) or auto (FOV diameters only): docs/datasets.md",
+          file=sys.stderr)
 
 
 def settings_for(trained, settings, given, path):

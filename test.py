@@ -3,7 +3,7 @@
     python test.py                                   # newest weights/*/final.pth
     python test.py --checkpoint weights/released/cenet_drive_cpu.pth --data-root ../DRIVE
     # a DRIVE model scored on CHASE_DB1, without retraining (docs/datasets.md):
-    python test.py --checkpoint weights/released/cenet_drive_cpu_clahe.pth --dataset chase --data-root ../CHASEDB1 --eval-scale auto
+    python test.py --checkpoint weights/released/cenet_drive_cpu_clahe.pth --dataset chase --data-root ../CHASEDB1 --eval-scale field
 
 Predicts every test image with 8-way flip test-time augmentation at the checkpoint's input size (or whole,
 at native resolution, for a model trained on crops), scores the probabilities at the original resolution
@@ -12,7 +12,8 @@ mask) and writes to results/<run>/: probability maps, binary masks and overlays 
 metrics.json and metrics.md. Model settings come from the checkpoint; device, threshold, TTA and
 folders from constants.py and the flags given here. --dataset may name another dataset of the checkpoint's
 family (drive <-> chase), --eval-scale auto brings its images to the training set's field-of-view size,
-and --split all scores training and test images (docs/datasets.md).
+--eval-scale field also to its pixels per degree of retina, and --split all scores training and test images
+(docs/datasets.md).
 """
 import argparse
 import sys

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -202,6 +204,21 @@ def test_augmentation_modes_switch_their_parts():
     assert 0.45 < float(coloured.float().mean()) < 0.55
     with pytest.raises(UserError, match="unknown augmentation"):
         data.draw_augmentation(2, torch.Generator(), "paper_v2")
+
+
+def test_camera_augmentation_scales_log_uniformly_and_leaves_the_other_draws_alone():
+    """camera: scales log-uniform over [1/1.5, 1.5] (as many zoomed in as out, each third of the log range about a
+    third of the draws); flips, shifts and colour shifts are the very draws of paper for the same seed."""
+    camera_theta, camera_hsv = data.draw_augmentation(3000, torch.Generator().manual_seed(0), "camera")
+    paper_theta, paper_hsv = data.draw_augmentation(3000, torch.Generator().manual_seed(0), "paper")
+    scales = 1 / camera_theta[:, :, :2].abs().amax(dim=(1, 2))
+    factor = data.CAMERA_SCALE_FACTOR
+    assert 1 / factor <= float(scales.min()) < 1 / factor + 0.01 and factor - 0.01 < float(scales.max()) <= factor
+    thirds = torch.bucketize(scales.log(), torch.tensor([-1 / 3, 1 / 3]) * math.log(factor))
+    assert all(abs(float((thirds == k).float().mean()) - 1 / 3) < 0.04 for k in range(3))
+    unit = lambda theta: (theta[:, :, :2] / theta[:, :, :2].abs().amax(dim=(1, 2), keepdim=True)).round()
+    assert torch.equal(unit(camera_theta), unit(paper_theta))
+    assert torch.equal(camera_theta[:, :, 2], paper_theta[:, :, 2]) and torch.equal(camera_hsv, paper_hsv)
 
 
 def test_colour_first_keeps_the_moved_in_border_black():

@@ -101,11 +101,14 @@ def test_new_runs_join_a_carried_table_whose_folders_are_gone(tmp_path):
     (tmp_path / "figures" / "old_roc.png").write_bytes(b"png")
     table = {"runs": [full_fake_run("cenet", [0.90, 0.92, 0.94, 0.96, 0.98], 750),
                       full_fake_run("unet", [0.89, 0.90, 0.91, 0.92, 0.93], 130)],
-             "figures": ["figures/old_roc.png", "figures/deleted.png"]}
+             "figures": ["figures/old_roc.png", "figures/deleted.png"], "notes": ["How the old runs were timed."]}
     (tmp_path / "old.json").write_text(json.dumps(table))
-    json_path, md_path = comparison.write("new", "t", [], tmp_path, carry=tmp_path / "old.json")
+    json_path, md_path = comparison.write("new", "t", [], tmp_path, notes=["A new note."],
+                                          carry=tmp_path / "old.json")
     written = json.loads(json_path.read_text())
     assert [run["title"] for run in written["runs"]] == ["CE-Net", "U-Net"]
+    assert written["notes"] == ["How the old runs were timed.", "A new note."]   # the carried notes stay
+    assert "- How the old runs were timed.\n- A new note." in md_path.read_text()
     assert written["paired"][0]["metrics"]["FOV AUC"]["mean_difference"] == pytest.approx(0.03)
     assert written["figures"] == ["figures/old_roc.png"]  # the carried figure that still exists
     assert "figures/old_roc.png" in md_path.read_text()
@@ -174,6 +177,9 @@ def test_runs_of_one_model_are_told_apart_by_training_data_and_prediction_scale(
     every_image["protocol"]["split"] = "all"
     assert [run["title"] for run in comparison.distinct_titles([run("drive", "field"), every_image])] == [
         "CE-Net", "CE-Net, training and test images"]
+    camera, flips, unrecorded = ({**run("drive", "field"), "augment": augment} for augment in ("camera", "flips", None))
+    assert [run["title"] for run in comparison.distinct_titles([camera, flips, unrecorded])] == [
+        "CE-Net, camera augmentation", "CE-Net, flips only", "CE-Net"]   # a table older than the record: no tag
 
 
 def test_runs_are_paired_only_with_a_run_scored_the_same_way():
