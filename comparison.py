@@ -20,6 +20,7 @@ from scipy import stats
 
 import cli
 import constants
+import data
 import framework
 import networks
 import recipes
@@ -40,7 +41,8 @@ def load_run(eval_dir):
     return {
         "eval_dir": str(eval_dir), "checkpoint": checkpoint, "model": model,
         "title": networks.MODEL_TITLES.get(model, model), "loss": settings.get("LOSS"),
-        "augment": augment_of(settings), "patch_scale": settings.get("PATCH_SCALE", 1.0),
+        "augment": data.augmentation_mode(settings.get("AUGMENT")),
+        "patch_scale": settings.get("PATCH_SCALE", 1.0),
         "summary": evaluated["summary"], "per_image": evaluated["per_image"], "protocol": evaluated["protocol"],
         "steps": payload.get("step"), "train_seconds": payload.get("train_seconds"),
         "eval_seconds": evaluated["seconds"]["total_after_load"], "pretrained": payload.get("pretrained"),
@@ -78,17 +80,10 @@ def carried_runs(table_path):
         missing = [key for key in ("loss", "augment") if key not in run]
         if missing and Path(run.get("checkpoint", "")).is_file():
             settings = framework.read_checkpoint(run["checkpoint"]).get("settings", {})
-            recorded = {"loss": settings.get("LOSS"), "augment": augment_of(settings)}
+            recorded = {"loss": settings.get("LOSS"),
+                        "augment": data.augmentation_mode(settings.get("AUGMENT"))}
             run.update({key: recorded[key] for key in missing})
     return runs, path.parent, table.get("figures", []), table.get("notes", [])
-
-
-def augment_of(settings):
-    """The checkpoint's AUGMENT as a mode name (checkpoints saved when it was on/off say True / False)."""
-    augment = settings.get("AUGMENT")
-    if isinstance(augment, bool):
-        return "paper" if augment else "none"
-    return augment
 
 
 def distinct_titles(runs):

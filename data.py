@@ -372,6 +372,14 @@ def draw_augmentation(count, generator, mode="paper"):
 
 
 
+def augmentation_mode(value):
+    """AUGMENT as a key of AUGMENTATIONS: settings saved when it was on/off hold True / False (paper / none)."""
+    if isinstance(value, bool):
+        return "paper" if value else "none"
+    return value
+
+
+
 def augmentation_parts(mode):
     """Which transforms augmentation `mode` applies; one clear error for an unknown name."""
     if mode not in AUGMENTATIONS:

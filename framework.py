@@ -246,8 +246,8 @@ class TrainConfig:
         values = {field.name: settings[field.name.upper()] for field in dataclasses.fields(cls)
                   if field.name.upper() in settings}
         values = {**values, **overrides}
-        if isinstance(values.get("augment"), bool):  # runs saved when AUGMENT was on/off
-            values["augment"] = "paper" if values["augment"] else "none"
+        if "augment" in values:
+            values["augment"] = data.augmentation_mode(values["augment"])
         return cls(**values)
 
 

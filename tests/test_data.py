@@ -204,6 +204,8 @@ def test_augmentation_modes_switch_their_parts():
     assert 0.45 < float(coloured.float().mean()) < 0.55
     with pytest.raises(UserError, match="unknown augmentation"):
         data.draw_augmentation(2, torch.Generator(), "paper_v2")
+    assert [data.augmentation_mode(value) for value in (True, False, "camera")] == [
+        "paper", "none", "camera"]   # settings saved when AUGMENT was on/off
 
 
 def test_camera_augmentation_scales_log_uniformly_and_leaves_the_other_draws_alone():
