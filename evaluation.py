@@ -134,7 +134,7 @@ def per_image_table(rows, summary, names):
     return report.markdown_table(["image"] + keys, body)
 
 
-def save_pictures(samples, probs, curves, out, threshold, title):
+def save_pictures(samples, probs, curves, out, threshold, title, extra_pictures=None, options=None):
     # PNG encoding releases the GIL, so every core can compress a file while this thread draws the next.
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
         for sample, prob in zip(samples, probs):
@@ -142,6 +142,9 @@ def save_pictures(samples, probs, curves, out, threshold, title):
             pool.submit(report.save_png, probability, out / f"{sample.name}_prob.png")
             pool.submit(report.save_png, mask, out / f"{sample.name}_mask.png")
             pool.submit(report.save_png, overlay, out / f"{sample.name}_overlay.png")
+            extras = extra_pictures(prob, sample, threshold, **(options or {})) if extra_pictures else {}
+            for key, picture in extras.items():
+                pool.submit(report.save_png, picture, out / f"{sample.name}_{key}.png")
         if curves:
             report.roc_plot(curves, out / "roc.png", title)
 
@@ -299,7 +302,8 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
 
     names = [sample.name for sample in samples]
     save_pictures(samples, probs, curves, out, settings["THRESHOLD"],
-                  f"{settings['MODEL']} on {settings['DATASET']} {split} (inside FOV)")
+                  f"{settings['MODEL']} on {settings['DATASET']} {split} (inside FOV)",
+                  None if as_authors else spec.extra_pictures, options)
     summary = metrics.summarize(rows)
     total_seconds = devices.timed(device) - start
     protocol = {

@@ -27,7 +27,7 @@ so every output has the input's size. For models that resize every image to IMAG
 the scale has no effect and is ignored with a notice.
 
 Outputs under OUT, per image: <name>_prob.png (probability x 255), <name>_mask.png (0/255 at the
-threshold) and <name>_overlay.png (the predicted vessels drawn over the darkened image, the field of
+threshold; for an isbi2012 model the membrane map after --postprocess, as test.py scores it) and <name>_overlay.png (the predicted vessels drawn over the darkened image, the field of
 view's edge outlined); a multi-class model writes <name>_classes.png (the class index of each pixel)
 and a colour <name>_overlay.png instead. --save-float adds <name>_prob.tif, float32 probabilities
 ((K, H, W) for K classes). predictions.csv has a row per image, written as each image is done.
@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+import torch
 import torch.nn.functional as F
 from PIL import Image, ImageSequence
 from scipy import ndimage
@@ -372,10 +373,18 @@ def fov_edge(mask):
     return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=1)
 
 
-def pictures(image, prob, mask, threshold):
-    """{file ending: array} for one image; `prob` is already zero outside the field of view."""
+def predicted_foreground(prob, threshold, spec, options):
+    """The binary mask of a one-channel prediction as test.py scores it: the dataset's own rule where it has one
+    (isbi2012: the membrane map after POSTPROCESS), else probability above the threshold."""
+    if spec.predicted_mask is None:
+        return prob[0] > threshold
+    return spec.predicted_mask(torch.from_numpy(prob), threshold, **options)
+
+
+def pictures(image, prob, mask, foreground):
+    """{file ending: array} for one image; `prob` is already zero outside the field of view, and `foreground`
+    (binary models) is its mask, inside the field of view only."""
     if prob.shape[0] == 1:
-        foreground = prob[0] > threshold
         overlay = (image * 0.6).astype(np.uint8)
         overlay[foreground] = VESSEL_COLOUR
         if not mask.all():
@@ -390,17 +399,17 @@ def pictures(image, prob, mask, threshold):
     return {"classes.png": classes, "overlay.png": overlay}
 
 
-def foreground_fraction(prob, mask, threshold):
+def foreground_fraction(prob, mask, foreground):
     """The share of field-of-view pixels predicted as foreground (any class but 0); None for an empty FOV."""
     inside = int(mask.sum())
     if inside == 0:
         return None
-    foreground = prob[0] > threshold if prob.shape[0] == 1 else prob.argmax(0) > 0
+    foreground = foreground if prob.shape[0] == 1 else prob.argmax(0) > 0
     return float((foreground & mask).sum() / inside)
 
 
-def write_image_outputs(out, name, image, prob, mask, threshold, save_float):
-    for ending, picture in pictures(image, prob, mask, threshold).items():
+def write_image_outputs(out, name, image, prob, mask, foreground, save_float):
+    for ending, picture in pictures(image, prob, mask, foreground).items():
         report.save_png(picture, out / f"{name}_{ending}")
     if save_float:
         tifffile.imwrite(out / f"{name}_prob.tif", prob[0] if prob.shape[0] == 1 else prob)
@@ -436,6 +445,8 @@ def predict_files(inputs, out, checkpoint, settings, given, fov_text=None, scale
     fov_given = None if fov_text is None else fov_choice(fov_text, None)
     check_masks_exist(fov_given, files)  # all of these before the model loads: a typo fails at once
     model, settings, device, fmt = prepare_model(checkpoint, settings, given)
+    spec = tasks.dataset(settings["DATASET"])
+    mask_options = evaluation.score_options(settings, spec)  # refuses --postprocess for a model it cannot apply to
     fov_wanted = fov_given or fov_choice(None, settings["DATASET"])
     scale_wanted = effective_scale(scale_wanted, settings)
     reference = reference_diameter(scale_wanted, settings["DATASET"])
@@ -466,8 +477,10 @@ def predict_files(inputs, out, checkpoint, settings, given, fov_text=None, scale
                 scale = image_scale(scale_wanted, image, mask, fov_used, reference)
                 prob = segment(model, image, scale, settings, device, fmt)
                 prob[:, ~mask] = 0
-                write_image_outputs(out, name, image, prob, mask, settings["THRESHOLD"], save_float)
-                fraction = foreground_fraction(prob, mask, settings["THRESHOLD"])
+                foreground = predicted_foreground(prob, settings["THRESHOLD"], spec, mask_options) & mask \
+                    if prob.shape[0] == 1 else None
+                write_image_outputs(out, name, image, prob, mask, foreground, save_float)
+                fraction = foreground_fraction(prob, mask, foreground)
                 seconds = read_seconds + time.perf_counter() - page_start
                 rows.append(csv_row(path, name, image, fov_used, mask, scale, fraction, seconds))
                 writer.writerow(rows[-1])

@@ -6,7 +6,7 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from errors import UserError
-from metrics import foreground_mask, rand_info_over_thresholds, rand_info_scores
+from metrics import foreground_mask, membrane_segments, rand_info_over_thresholds, rand_info_scores
 from tasks.files import MASK_SUFFIXES, check_same_size, files_by_stem, image_files, read_array, read_class_map, \
     read_pairs, read_scan, require_dir, scan_to_rgb
 from tasks.sample import Dataset, Sample
@@ -124,6 +124,60 @@ def score_cells(prob, sample, threshold, postprocess="none", watershed_seed=SEED
     return row, None
 
 
+# --- where the topology fails: merges and splits ----------------------------------------------------------
+# A predicted segment "takes part" in a true cell when it covers at least this share of the cell's pixels (and
+# at least MIN_PART_PIXELS of them): smaller overlaps are a membrane drawn a few pixels off, which costs the
+# Rand score little, not a cell lost or cut.
+MIN_PART_SHARE = 0.2
+MIN_PART_PIXELS = 50
+MERGED_COLOUR = np.array([255, 150, 0], np.float32)
+SPLIT_COLOUR = np.array([0, 170, 255], np.float32)
+MERGED_AND_SPLIT_COLOUR = np.array([230, 60, 230], np.float32)
+
+
+def merges_and_splits(pred_segments, true_segments):
+    """The true cells (ids of `true_segments`, 0 = membrane) that the prediction merges and splits, as two
+    sorted lists. Merged: the cell shares a predicted segment with another cell (that segment takes part in
+    both). Split: two or more predicted segments take part in the cell. Both maps are label images as
+    `membrane_segments` makes them; predicted membrane pixels (0) belong to no segment."""
+    inside = (true_segments != 0) & (pred_segments != 0)
+    pairs, counts = np.unique(np.stack([pred_segments[inside], true_segments[inside]]), axis=1, return_counts=True)
+    cell_ids, cell_sizes = np.unique(true_segments[true_segments != 0], return_counts=True)
+    size_of = dict(zip(cell_ids.tolist(), cell_sizes.tolist()))
+    parts = [(int(pred), int(cell)) for (pred, cell), count in zip(pairs.T, counts)
+             if count >= MIN_PART_PIXELS and count >= MIN_PART_SHARE * size_of[int(cell)]]
+    cells_of_segment, segments_of_cell = {}, {}
+    for pred, cell in parts:
+        cells_of_segment.setdefault(pred, []).append(cell)
+        segments_of_cell.setdefault(cell, []).append(pred)
+    merged = sorted({cell for cells in cells_of_segment.values() if len(cells) > 1 for cell in cells})
+    split = sorted(cell for cell, segments in segments_of_cell.items() if len(segments) > 1)
+    return merged, split
+
+
+def cell_errors_picture(prob, sample, threshold, postprocess="none", watershed_seed=SEED_LEVEL):
+    """An RGB uint8 picture of where the membrane map of a (1, H, W) probability tensor (as score_cells scores it, thinned) fails the Rand score:
+    true cells it merges with a neighbour tinted orange, cells it splits blue, cells both merged and split
+    magenta, and the thinned predicted membranes white over the darkened slice. Returns (picture, number of
+    merged cells, number of split cells)."""
+    predicted = membrane_segments(membrane_map(prob, threshold, postprocess, watershed_seed))
+    truth = membrane_segments(sample.label == 1)
+    merged, split = merges_and_splits(predicted, truth)
+    picture = sample.image.astype(np.float32) * 0.55
+    for cells, colour in ((set(merged) - set(split), MERGED_COLOUR), (set(split) - set(merged), SPLIT_COLOUR),
+                          (set(merged) & set(split), MERGED_AND_SPLIT_COLOUR)):
+        tinted = np.isin(truth, sorted(cells))
+        picture[tinted] = 0.5 * picture[tinted] + 0.5 * colour
+    picture[predicted == 0] = 255
+    return picture.round().astype(np.uint8), len(merged), len(split)
+
+
+def cell_pictures(prob, sample, threshold, postprocess="none", watershed_seed=SEED_LEVEL):
+    """The extra pictures evaluation saves per slice: {"cells": cell_errors_picture}."""
+    picture, _, _ = cell_errors_picture(prob, sample, threshold, postprocess, watershed_seed)
+    return {"cells": picture}
+
+
 def membrane_probability(prob):
     """The (H, W) float32 NumPy plane of a (1, H, W) probability map (tensor or array)."""
     return torch.as_tensor(prob)[0].float().cpu().numpy()
@@ -138,4 +192,5 @@ NOTES = ('EM cell contours (paper Table IV): foreground-restricted V^Rand and V^
 
 ISBI2012 = Dataset(read_isbi2012, num_classes=1, score=score_cells, notes=NOTES,
                    source="the ISBI 2012 EM challenge, http://brainiac2.mit.edu/isbi_challenge/",
-                   score_settings=("POSTPROCESS", "WATERSHED_SEED"))
+                   score_settings=("POSTPROCESS", "WATERSHED_SEED"), extra_pictures=cell_pictures,
+                   predicted_mask=membrane_map)

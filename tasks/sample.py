@@ -47,6 +47,13 @@ class Dataset:
     # postprocess=...); evaluation passes them and records them in metrics.json. A dataset without one refuses
     # such a setting given on the command line.
     score_settings: tuple = ()
+    # Pictures beyond probability / mask / overlay that evaluation saves per image as <name>_<key>.png:
+    # extra_pictures(prob (K, H, W) tensor, sample, threshold, **score settings) -> {key: (H, W, 3) uint8}.
+    extra_pictures: Optional[Callable] = None
+    # Binary datasets whose predicted mask is more than probability above the threshold (isbi2012's
+    # POSTPROCESS): predicted_mask(prob (1, H, W) tensor, threshold, **score settings) -> (H, W) bool. predict.py
+    # writes this mask, so it matches what test.py scores. None: probability above the threshold.
+    predicted_mask: Optional[Callable] = None
 
     def with_classes(self, settings):
         """`settings` with CLASS_VALUES decided, for a dataset whose labels decide its classes and settings that

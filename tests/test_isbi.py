@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import crossval
 import data
@@ -23,7 +24,8 @@ from conftest import TINY
 from errors import UserError
 from loss import WeightedBCEDiceLoss, border_weight_map, build_loss
 from metrics import membrane_segments, rand_info_over_thresholds, rand_info_scores
-from tasks.em_cells import closed_membranes, membrane_map, score_cells, watershed_membranes
+from tasks.em_cells import MERGED_COLOUR, cell_errors_picture, closed_membranes, membrane_map, merges_and_splits, \
+    score_cells, watershed_membranes
 
 
 def tiny_model():
@@ -307,6 +309,45 @@ def test_thinning_a_real_label_merges_none_of_its_cells():
 LEVERS = ["--augment", "elastic", "--loss", "weighted_bce_dice", "--patch-size", "64", "--epochs", "1"]
 
 
+def three_true_cells():
+    """Label image 20 x 60: cells 1, 2, 3 in columns 0-18, 20-38, 40-59, membranes (0) in columns 19 and 39."""
+    truth = np.zeros((20, 60), np.int64)
+    truth[:, :19], truth[:, 20:39], truth[:, 40:] = 1, 2, 3
+    return truth
+
+
+def test_merges_and_splits_by_hand():
+    """Predicted segment 1 spans cells 1 and 2 (a lost membrane): both merged. Cell 3 is cut by a predicted
+    membrane in row 10 into segments 2 and 3 (180 and 200 px, both over 20 % and 50 px): split. Segment 4, a
+    5-pixel sliver of cell 3, is too small to count as a part."""
+    truth = three_true_cells()
+    predicted = np.zeros_like(truth)
+    predicted[:, :39] = 1
+    predicted[:10, 40:], predicted[11:, 40:] = 2, 3
+    predicted[:5, 59] = 4
+    assert merges_and_splits(predicted, truth) == ([1, 2], [3])
+
+
+def test_a_membrane_drawn_a_few_pixels_off_is_neither_merge_nor_split():
+    """The membrane between cells 1 and 2 predicted in column 22 instead of 19: segment 1 holds all of cell 1
+    and 40 px (11 %) of cell 2, under both the 20 % share and the 50 px floor."""
+    truth = three_true_cells()
+    predicted = np.zeros_like(truth)
+    predicted[:, :22], predicted[:, 23:39], predicted[:, 40:] = 1, 2, 3
+    assert merges_and_splits(predicted, truth) == ([], [])
+
+
+def test_the_cells_picture_tints_the_cells_a_gap_merges_and_draws_the_membranes():
+    prob, sample = gapped_membrane()
+    picture, merged, split = cell_errors_picture(prob, sample, 0.5)
+    assert picture.shape == (16, 16, 3) and picture.dtype == np.uint8
+    assert (merged, split) == (2, 0)
+    np.testing.assert_array_equal(picture[3, 2], (0.5 * MERGED_COLOUR).round())
+    np.testing.assert_array_equal(picture[3, 8], [255, 255, 255])  # the membrane, thinned to its own column
+    closed, merged, split = cell_errors_picture(prob, sample, 0.5, postprocess="watershed")
+    assert (merged, split) == (0, 0) and not closed[:, :8].any() and (closed[:, 8] == 255).all()
+
+
 def test_main_then_test_with_every_lever_on_a_synthetic_stack(tmp_path, capsys):
     root = fixtures.write_isbi_volume(tmp_path / "ISBI", pages=10, size=64)
     main.main([str(arg) for arg in ["--dataset", "isbi2012", "--data-root", root, *TINY, *LEVERS,
@@ -324,6 +365,7 @@ def test_main_then_test_with_every_lever_on_a_synthetic_stack(tmp_path, capsys):
     for name, value in report["summary"].items():
         assert 0 <= value["mean"] <= 1, name
     assert "Postprocess: watershed" in (tmp_path / "r" / "metrics.md").read_text()
+    assert np.array(Image.open(tmp_path / "r" / "slice00_cells.png")).shape == (64, 64, 3)
     capsys.readouterr()
 
 

@@ -293,3 +293,36 @@ def test_scale_auto_needs_a_fundus_model():
     assert prediction.reference_diameter(0.5, "oct") is None
     with pytest.raises(prediction.UserError, match="trained on 'oct'"):
         prediction.reference_diameter("auto", "oct")
+
+
+def test_an_isbi_model_writes_the_membrane_map_test_py_scores(tmp_path):
+    """predict.py's mask of an isbi2012 model is em_cells.membrane_map of its own probabilities under
+    --postprocess, as test.py scores it: probability above the threshold without one, the closed map with
+    closing, the watershed lines with watershed. This untrained model's output lies within 0.01 of 0.51, so
+    the threshold is its median and the seed level its 70th percentile (at 0.5 and 0.2 every map is trivial)."""
+    from tasks.em_cells import membrane_map
+    checkpoint = tiny_checkpoint(tmp_path / "isbi.pth", dataset="isbi2012", PATCH_SIZE=32)
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 40), dtype=np.uint8)).save(tmp_path / "em.png")
+    assert run(tmp_path / "em.png", "-o", tmp_path / "probe", "--checkpoint", checkpoint, "--save-float", *CPU) == 0
+    prob = tifffile.imread(tmp_path / "probe" / "em_prob.tif")
+    threshold, seed = float(f"{np.median(prob):.6f}"), float(f"{np.quantile(prob, 0.7):.6f}")
+    masks = {}
+    for postprocess in ("none", "closing", "watershed"):
+        out = tmp_path / postprocess
+        assert run(tmp_path / "em.png", "-o", out, "--checkpoint", checkpoint, "--postprocess", postprocess,
+                   "--threshold", threshold, "--watershed-seed", seed, *CPU) == 0
+        masks[postprocess] = np.array(Image.open(out / "em_mask.png")) > 0
+        expected = membrane_map(torch.from_numpy(prob)[None], threshold, postprocess, seed)
+        np.testing.assert_array_equal(masks[postprocess], expected)
+    for postprocess, mask in masks.items():
+        assert mask.any() and not mask.all(), postprocess
+    assert (masks["closing"] != masks["none"]).any() and (masks["watershed"] != masks["none"]).any()
+
+
+def test_postprocess_is_refused_for_a_model_of_another_dataset(resized, tmp_path, capsys):
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "a.png")
+    assert run(tmp_path / "a.png", "-o", tmp_path / "out", "--checkpoint", resized, "--postprocess", "watershed",
+               *CPU) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --postprocess watershed applies to the membrane scoring of isbi2012 only")
+    assert not (tmp_path / "out").exists()
