@@ -1,11 +1,10 @@
 """Segmenting any images with a trained or released model: the work behind predict.py.
 
-Inputs are image files and folders of them (PNG, JPEG, TIFF, BMP, GIF, PPM/PGM; not searched
-recursively). Every image becomes the (H, W, 3) uint8 RGB that test.py's readers give: grey is
-repeated over three channels, a palette is expanded, transparency is composited over black (the colour
-of a fundus surround), and 16-bit, 32-bit or float pixels are stretched from their own minimum to their
-own maximum (so a 12-bit scan is not clipped to white nor left nearly black). A multi-page TIFF gives
-one image per page, named <stem>_p1, <stem>_p2, ...; every other image is named by its file stem.
+Inputs are image files and folders of them (PNG, JPEG, TIFF, BMP, GIF, PPM/PGM; not searched recursively: a
+notice names the subfolders and other files a folder holds), read by tasks.pictures as the folder dataset
+reads its training images: grey, palette, transparency, EXIF orientation, 16-bit and float pixels are all
+handled there. A multi-page TIFF gives one image per page, named <stem>_p1, <stem>_p2, ...; every other image
+is named by its file stem.
 
 The model sees each image exactly as test.py shows a test image (inference.predict_samples, with the
 checkpoint's preprocessing, input size or native resolution, and PATCH_SCALE), one image at a time, so
@@ -42,7 +41,6 @@ import numpy as np
 import tifffile
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageSequence
 from scipy import ndimage
 
 import data
@@ -53,7 +51,8 @@ import inference
 import report
 from errors import UserError
 import tasks
-from tasks.files import MASK_SUFFIXES, TIFF_SUFFIXES, check_same_size, natural_key, read_mask
+from tasks.files import MASK_SUFFIXES, check_same_size, natural_key, read_mask
+from tasks.pictures import UnreadableImage, read_picture_pages
 from tasks.sample import Sample
 
 REPO = Path(__file__).resolve().parent
@@ -77,10 +76,6 @@ FOV_EDGE_COLOUR = np.array([40, 140, 255], np.uint8)
 CLASS_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                           [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
                           [250, 190, 190]], np.uint8)
-
-
-class UnreadableImage(UserError):
-    """An input file that cannot be decoded: warned about and skipped, the others still predicted."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,10 +129,15 @@ def collect_inputs(paths):
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted((item for item in path.iterdir() if item.is_file() and not item.name.startswith(".")
-                            and item.suffix.lower() in INPUT_SUFFIXES), key=lambda item: natural_key(item.name))
+            found, subfolders, others = folder_entries(path)
             if not found:
-                raise UserError(f"no images ({', '.join(INPUT_SUFFIXES)}) in folder {path}")
+                raise UserError(f"no images ({', '.join(INPUT_SUFFIXES)}) in folder {path}"
+                                + (f"; its subfolders ({named(subfolders)}) are not searched: name them as inputs"
+                                   if subfolders else ""))
+            if subfolders or others:
+                print(f"notice: in {path}, not read: " + "; ".join(
+                    part for part in (subfolders and f"subfolders {named(subfolders)} (name them as inputs)",
+                                      others and f"files of other types {named(others)}") if part), file=sys.stderr)
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -150,6 +150,20 @@ def collect_inputs(paths):
                             f"or predict them in separate runs")
         seen[path.stem] = path
     return list({path.resolve(): path for path in files}.values())  # a file named twice is predicted once
+
+
+def folder_entries(folder):
+    """(images in natural order, subfolder names, other file names) of one folder; hidden entries are left out."""
+    entries = sorted((item for item in folder.iterdir() if not item.name.startswith(".")),
+                     key=lambda item: natural_key(item.name))
+    images = [item for item in entries if item.is_file() and item.suffix.lower() in INPUT_SUFFIXES]
+    subfolders = [item.name for item in entries if item.is_dir()]
+    others = [item.name for item in entries if item.is_file() and item.suffix.lower() not in INPUT_SUFFIXES]
+    return images, subfolders, others
+
+
+def named(names, shown=3):
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def check_output_folder(out, overwrite):
@@ -175,109 +189,13 @@ def make_output_folder(out):
 # --------------------------------------------------------------------------------------------
 
 def read_pages(path):
-    """[(name, (H, W, 3) uint8 RGB)] of one input file: one entry, or one per page of a multi-page TIFF.
-    Raises UnreadableImage for a file that cannot be decoded."""
+    """[(name, (H, W, 3) uint8 RGB)] of one input file: one entry, or one per page of a multi-page TIFF,
+    named <stem>_p1, <stem>_p2, .... Raises UnreadableImage for a file that cannot be decoded."""
     path = Path(path)
-    try:
-        arrays = read_tiff_pages(path) if path.suffix.lower() in TIFF_SUFFIXES else [read_with_pil(path)]
-        images = [to_rgb8(array) for array in arrays]
-    except UnreadableImage:
-        raise
-    except Exception as error:  # decoders raise many unrelated types for a damaged file
-        raise UnreadableImage(f"cannot read {path}: {first_line(error)}")
-    if not images:
-        raise UnreadableImage(f"cannot read {path}: it holds no image")
+    images = read_picture_pages(path)
     if len(images) == 1:
         return [(path.stem, images[0])]
     return [(f"{path.stem}_p{number}", image) for number, image in enumerate(images, start=1)]
-
-
-def first_line(error):
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
-
-
-def read_tiff_pages(path):
-    """Each full-resolution page of a TIFF at its stored depth. tifffile reads 16-bit colour, float and
-    planar pages that PIL cannot; PIL reads the compressions tifffile needs the optional imagecodecs
-    package for (DRIVE's LZW)."""
-    try:
-        with tifffile.TiffFile(path) as tiff:
-            return [tiff_page_array(page) for page in tiff.pages if not page.is_reduced]
-    except Exception:
-        with Image.open(path) as image:
-            return [pil_array(frame) for frame in ImageSequence.Iterator(image)]
-
-
-def tiff_page_array(page):
-    array = page.asarray()
-    if page.planarconfig == 2 and array.ndim == 3:  # separate planes: (samples, H, W)
-        array = np.moveaxis(array, 0, -1)
-    return array
-
-
-def read_with_pil(path):
-    with Image.open(path) as image:
-        if image.format == "PNG" and image.tile and str(image.tile[0][3]).endswith(";16B"):
-            return read_deep_colour_png(path)
-        return pil_array(image)
-
-
-def read_deep_colour_png(path):
-    """A 16-bit colour PNG at full depth: PIL keeps only the high byte of each value, which leaves a 12-bit
-    photograph nearly black; OpenCV reads all 16 bits (in BGR order)."""
-    import cv2
-    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if array is None:
-        raise UnreadableImage(f"cannot read {path}: OpenCV could not decode it")
-    order = [2, 1, 0, 3][:array.shape[-1]]
-    return array[..., order]
-
-
-def pil_array(image):
-    """Pixels of a PIL image as an array: 8-bit modes as RGB or RGBA, deeper grey modes as stored."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        return np.array(image)
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
-        return np.array(image.convert("RGBA"))
-    return np.array(image.convert("RGB"))
-
-
-def to_rgb8(array):
-    """(H, W), (H, W, 1..4+) of any dtype -> (H, W, 3) uint8 (see the module docstring)."""
-    array = np.asarray(array)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim == 2:
-        return np.repeat(stretch_to_uint8(array)[..., None], 3, axis=2)
-    if array.ndim != 3 or array.shape[-1] < 2:
-        raise UnreadableImage(f"pixel array of shape {array.shape} is not a 2-D grey or colour image")
-    if array.shape[-1] == 2:  # grey and alpha
-        array = np.concatenate([np.repeat(array[..., :1], 3, axis=2), array[..., 1:]], axis=2)
-    colour = stretch_to_uint8(array[..., :3])
-    if array.shape[-1] == 3:
-        return colour
-    alpha = stretch_to_uint8(array[..., 3]) if array.dtype != np.uint8 else array[..., 3]
-    # Over black: a transparent surround becomes the dark background a fundus model expects.
-    return np.round(colour * (alpha[..., None] / 255.0)).astype(np.uint8)
-
-
-def stretch_to_uint8(array):
-    """8-bit data as stored; bool as 0/255; any other depth from its own minimum (0) to maximum (255),
-    non-finite values as the minimum. A constant image is black."""
-    if array.dtype == np.uint8:
-        return np.ascontiguousarray(array)
-    if array.dtype == bool:
-        return array.astype(np.uint8) * 255
-    values = array.astype(np.float64)
-    finite = np.isfinite(values)
-    if not finite.any():
-        return np.zeros(array.shape, np.uint8)
-    low, high = values[finite].min(), values[finite].max()
-    if high <= low:
-        return np.zeros(array.shape, np.uint8)
-    values = np.where(finite, values, low)
-    return np.round((values - low) * (255 / (high - low))).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,7 +371,7 @@ def predict_files(inputs, out, checkpoint, settings, given, fov_text=None, scale
     masks = mask_files(fov_wanted) if isinstance(fov_wanted, Path) else {}
     out = make_output_folder(out)  # only now: a bad flag or checkpoint leaves no empty folder
 
-    rows, skipped, names = [], [], set()
+    rows, skipped, names, empty = [], [], set(), []
     with open(out / "predictions.csv", "w", newline="") as table:
         writer = csv.DictWriter(table, fieldnames=CSV_COLUMNS)
         writer.writeheader()
@@ -481,8 +399,14 @@ def predict_files(inputs, out, checkpoint, settings, given, fov_text=None, scale
                     if prob.shape[0] == 1 else None
                 write_image_outputs(out, name, image, prob, mask, foreground, save_float)
                 fraction = foreground_fraction(prob, mask, foreground)
+                if not fraction:
+                    empty.append(name)
                 seconds = read_seconds + time.perf_counter() - page_start
                 rows.append(csv_row(path, name, image, fov_used, mask, scale, fraction, seconds))
                 writer.writerow(rows[-1])
                 table.flush()  # a stopped run still leaves the rows of the images it finished
+    if empty:
+        print(f"warning: {len(empty)} of {len(rows)} masks have no foreground at threshold {settings['THRESHOLD']} "
+              f"({named(empty, 5)}): an image unlike the model's training images in size (see --scale) or in "
+              f"kind, or one with nothing to find", file=sys.stderr)
     return rows, skipped, out

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from errors import UserError
 from tasks.sample import Sample
@@ -23,11 +23,18 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 
 
 
+def upright(image):
+    """A PIL image turned as its EXIF orientation says. A camera stores a portrait photograph's pixels sideways
+    with a tag that says so, and viewers (and annotation tools) show it turned; masks drawn on it or predicted
+    from it carry no such tag, so every reader turns the pixels, or a mask would lie rotated against its image."""
+    return ImageOps.exif_transpose(image)
+
+
 def read_image(path):
     """RGB uint8 array; an unreadable or truncated file is a UserError naming it."""
     try:
         with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
+            return np.array(upright(image).convert("RGB"))
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise UserError(f"cannot read image {path}: {error}. Replace the file with an intact copy.")
 
@@ -56,7 +63,7 @@ def read_array(path):
         if Path(path).suffix.lower() in TIFF_SUFFIXES:
             return np.asarray(tifffile.imread(path))
         with Image.open(path) as image:
-            return np.array(image)
+            return np.array(upright(image))
     except Exception as error:  # decoders raise many unrelated types for a damaged file
         raise UserError(f"cannot read {path}: {error}. Replace the file with an intact copy.")
 
@@ -94,11 +101,20 @@ def window_to_uint8(array, low=0.5, high=99.5):
     """Deeper-than-8-bit data (16-bit or float CT) -> uint8 between its own `low` and `high`
     percentiles. Percentiles rather than min/max, so a few extreme pixels (metal, padding) do not
     squeeze the tissue into a handful of grey levels; per image, because the stored values of
-    the slices need not be Hounsfield units."""
+    the slices need not be Hounsfield units. Where those percentiles meet (an image more than 99 %
+    one value: sparse fluorescence, a padded scan) its minimum and maximum are used instead, or its few
+    other pixels would vanish; non-finite values (NaN padding) count as the bottom; a constant image is black."""
     values = array.astype(np.float32)
-    bottom, top = np.percentile(values, [low, high])
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(array.shape, np.uint8)
+    known = values[finite]
+    bottom, top = np.percentile(known, [low, high])
+    if top <= bottom:
+        bottom, top = known.min(), known.max()
     if top <= bottom:
         return np.zeros(array.shape, np.uint8)
+    values = np.where(finite, values, bottom)
     return np.round((values.clip(bottom, top) - bottom) * (255 / (top - bottom))).astype(np.uint8)
 
 

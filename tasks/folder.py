@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from errors import UserError
 from metrics import as_device_tensor, binary_metrics_and_roc, dice_coefficient, nanmean_rows, overlap_error, \
     thin_curve
-from tasks.files import IMAGE_SUFFIXES, MASK_SUFFIXES, TIFF_SUFFIXES, check_same_size, files_by_stem, \
-    grey_to_rgb, image_files, read_array, read_image, read_mask, window_to_uint8
+from tasks.files import IMAGE_SUFFIXES, MASK_SUFFIXES, check_same_size, files_by_stem, image_files, read_array, \
+    read_mask
+from tasks.pictures import UnreadableImage, read_picture_pages
 from tasks.sample import Dataset, Sample
 from tasks.splits import fold_names
 
@@ -79,33 +79,18 @@ def root_folders(root):
 
 # --- reading -------------------------------------------------------------------------------------------------
 
-DEEP_PIL_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-
-
 def read_picture(path):
-    """An image as RGB uint8: 8-bit files as stored (grey and palette converted to RGB); deeper ones (16-bit PNG,
-    16-bit or float TIFF) windowed to 8 bits per image between their own percentiles, as the CT readers do, so
-    a 12-bit scan is not clipped to white."""
-    if Path(path).suffix.lower() in TIFF_SUFFIXES or pil_mode(path) in DEEP_PIL_MODES:
-        return array_to_rgb(read_array(path), path)
-    return read_image(path)
-
-
-def pil_mode(path):
+    """An image as RGB uint8, read as predict.py reads a new image (tasks.pictures): 8-bit files as stored,
+    deeper ones (16-bit PNG, 16-bit or float TIFF) windowed to 8 bits per image between their own percentiles,
+    as the CT readers do, so a 12-bit scan is not clipped to white."""
     try:
-        with Image.open(path) as image:
-            return image.mode
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise UserError(f"cannot read image {path}: {error}. Replace the file with an intact copy.")
-
-
-def array_to_rgb(array, path):
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
-        colour = array[..., :3]
-        return np.ascontiguousarray(colour if colour.dtype == np.uint8 else window_to_uint8(colour))
-    if array.ndim != 2:
-        raise UserError(f"image {path} has shape {array.shape}; expected one 2-D grey or colour image")
-    return grey_to_rgb(array if array.dtype == np.uint8 else window_to_uint8(array))
+        pages = read_picture_pages(path)
+    except UnreadableImage as error:
+        raise UserError(f"{error}. Replace the file with an intact copy.")
+    if len(pages) != 1:
+        raise UserError(f"image {path} holds {len(pages)} pages; a training image is one picture: save each page "
+                        f"as its own file (with its own label)")
+    return pages[0]
 
 
 def read_stored_label(path):

@@ -215,6 +215,33 @@ def test_sixteen_bit_grey_images_are_windowed_not_clipped(tmp_path):
     assert image.min() == 0 and image.max() == 255 and len(np.unique(image)) > 200
 
 
+def test_training_images_are_read_as_predict_reads_them(tmp_path):
+    import cv2
+    import prediction
+    from PIL import Image
+    rng = np.random.default_rng(3)
+    deep = (rng.random((12, 14, 3)) * 4000).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "deep.png"), deep)                       # 16-bit colour
+    rgba = (rng.random((12, 14, 4)) * 255).astype(np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")                    # partly transparent
+    turned = Image.fromarray((rng.random((12, 14, 3)) * 255).astype(np.uint8))
+    tags = turned.getexif()
+    tags[0x0112] = 8                                                    # shown turned 90 degrees anticlockwise
+    turned.save(tmp_path / "turned.png", exif=tags)
+    floats = rng.random((12, 14)).astype(np.float32)
+    floats[0, 0] = np.nan
+    tifffile.imwrite(tmp_path / "floats.tif", floats)
+    for name in ("deep.png", "rgba.png", "turned.png", "floats.tif"):
+        [(_, predicted)] = prediction.read_pages(tmp_path / name)
+        assert np.array_equal(read_picture(tmp_path / name), predicted), name
+    assert read_picture(tmp_path / "turned.png").shape == (14, 12, 3)
+    assert np.array_equal(read_picture(tmp_path / "rgba.png"),
+                          np.round(rgba[..., :3] * (rgba[..., 3:] / 255.0)).astype(np.uint8))
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(UserError, match="holds 2 pages; a training image is one picture"):
+        read_picture(tmp_path / "stack.tif")
+
+
 # --- scoring by hand --------------------------------------------------------------------------------------------
 
 def test_binary_scores_inside_the_mask_and_whole():
@@ -309,7 +336,7 @@ def test_empty_images_folder(binary_root, capsys):
 
 
 @pytest.mark.parametrize("folder, name, message", [
-    ("images", "case2.png", "cannot read image"),
+    ("images", "case2.png", "cannot read"),
     ("labels", "case2.png", "cannot read"),
 ])
 def test_unreadable_files(binary_root, capsys, folder, name, message):

@@ -130,17 +130,37 @@ def test_deep_pixels_use_their_own_range(tmp_path):
     assert name == "deep" and image.shape == (40, 50, 3) and image.dtype == np.uint8
     assert image.min() == 0 and image.max() == 255          # stretched, not clipped to white
     assert (np.diff(image[..., 0].ravel().astype(int)) >= 0).all()
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")          # a 16-bit grey PNG: PIL reads all 16 bits
+    [(_, grey)] = prediction.read_pages(tmp_path / "grey16.png")
+    assert np.array_equal(grey, image)
     import cv2
-    deep = np.zeros((10, 12, 3), np.uint16)
-    deep[..., 0], deep[0, 0, 2] = 1000, 4000                   # 12-bit colour: red 1000, one blue 4000
+    deep = np.zeros((10, 20, 3), np.uint16)
+    deep[..., 0] = np.linspace(0, 4000, 200).reshape(10, 20)  # a 12-bit red ramp
+    deep[0, 0, 2] = 60000                                     # and one hot blue pixel, which does not set the range
     cv2.imwrite(str(tmp_path / "deep.png"), deep[..., ::-1])  # OpenCV writes BGR
     [(_, image)] = prediction.read_pages(tmp_path / "deep.png")
-    assert image[5, 5].tolist() == [64, 0, 0] and image[0, 0, 2] == 255
+    assert image[0, 0, 2] == 255 and image[..., 0].max() == 255 and image[5, 5, 1] == 0
+    assert (np.diff(image[..., 0].ravel().astype(int)) >= 0).all() and len(np.unique(image[..., 0])) > 150
     colour = np.zeros((10, 12, 3), np.float32)
-    colour[..., 0], colour[0, 0, 1], colour[1, 1, 2] = 0.5, 2.0, np.nan
+    colour[..., 0] = np.linspace(0.0, 1.0, 120).reshape(10, 12)
+    colour[1, 1, 2] = np.nan
     tifffile.imwrite(tmp_path / "float.tif", colour, photometric="rgb")
     [(_, image)] = prediction.read_pages(tmp_path / "float.tif")
-    assert image[0, 0, 1] == 255 and image[1, 1, 2] == 0 and image[5, 5, 0] == 64
+    assert image[1, 1, 2] == 0 and image[0, 0, 0] == 0 and image[-1, -1, 0] == 255  # NaN as the bottom
+
+
+def test_sparse_and_opaque_deep_images_are_not_blackened(tmp_path):
+    sparse = np.zeros((40, 50), np.uint16)
+    sparse[:2, :3] = 3000                                     # 0.3 % of the pixels: both percentiles are 0
+    tifffile.imwrite(tmp_path / "sparse.tif", sparse)
+    [(_, image)] = prediction.read_pages(tmp_path / "sparse.tif")
+    assert (image[:2, :3] == 255).all() and image.sum() == 255 * 6 * 3
+    import cv2
+    rgba = np.full((8, 9, 4), 65535, np.uint16)               # 16-bit RGBA, evenly opaque
+    rgba[..., :3] = np.arange(8 * 9 * 3).reshape(8, 9, 3) * 300
+    cv2.imwrite(str(tmp_path / "opaque.png"), rgba[..., [2, 1, 0, 3]])
+    [(_, image)] = prediction.read_pages(tmp_path / "opaque.png")
+    assert image.max() == 255 and image[0, 0, 0] == 0 and (np.diff(image.ravel().astype(int)) >= 0).all()
 
 
 def test_alpha_palette_and_pages(tmp_path):
@@ -158,6 +178,18 @@ def test_alpha_palette_and_pages(tmp_path):
     read = prediction.read_pages(tmp_path / "stack.tif")
     assert [name for name, _ in read] == ["stack_p1", "stack_p2"]
     assert [int(image.mean()) for _, image in read] == [10, 20]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    stored = np.zeros((20, 30, 3), np.uint8)
+    stored[0, 0] = 255                                        # a marker in the stored top-left corner
+    picture = Image.fromarray(stored)
+    tags = picture.getexif()
+    tags[0x0112] = 6                                          # Orientation 6: shown turned 90 degrees clockwise
+    picture.save(tmp_path / "camera.png", exif=tags)
+    [(_, image)] = prediction.read_pages(tmp_path / "camera.png")
+    assert image.shape == (30, 20, 3)                         # as a viewer shows it: portrait
+    assert (image == np.rot90(stored, k=-1)).all() and image[0, 19].tolist() == [255, 255, 255]
 
 
 @pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n broken", b"II*\x00 not a tiff"])
@@ -178,7 +210,7 @@ def test_damaged_file_is_skipped_and_the_rest_written(resized, tmp_path):
     (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     result = run_script("predict.py", folder, "-o", tmp_path / "out", "--checkpoint", resized, *CPU)
     assert result.returncode == 1, result.stderr
-    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: skipped")]
     assert len(warnings) == 1 and "b.png" in warnings[0]
     assert "1 input could not be read" in result.stderr and "Traceback" not in result.stderr
     assert [row["name"] for row in rows_of(tmp_path / "out")] == ["a", "c"]
@@ -192,6 +224,36 @@ def test_folder_without_images_is_one_error(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: no images ({', '.join(prediction.INPUT_SUFFIXES)}) in folder {tmp_path / 'empty'}"]
     assert not (tmp_path / "out").exists()
+
+
+def test_subfolders_and_other_files_are_named_not_read(resized, tmp_path, capsys):
+    folder = tmp_path / "in"
+    (folder / "more").mkdir(parents=True)
+    for path in (folder / "top.png", folder / "more" / "inner.png"):
+        Image.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(path)
+    (folder / "scan.dcm").write_bytes(b"DICM")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    assert run(folder, "-o", tmp_path / "out", "--checkpoint", resized, *CPU) == 0
+    assert [row["name"] for row in rows_of(tmp_path / "out")] == ["top"]
+    notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("notice:")]
+    assert notices == [f"notice: in {folder}, not read: subfolders more (name them as inputs); "
+                       f"files of other types scan.dcm"]
+    (folder / "top.png").unlink()
+    assert run(folder, "-o", tmp_path / "out2", "--checkpoint", resized, *CPU) == 2
+    assert "its subfolders (more) are not searched: name them as inputs" in capsys.readouterr().err
+
+
+def test_masks_without_foreground_are_warned_about(resized, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("flat", "dark"):
+        Image.fromarray(np.full((24, 32, 3), 90 if name == "flat" else 0, np.uint8)).save(folder / f"{name}.png")
+    # No probability reaches 0.9999 for this untrained model, so every mask is empty.
+    assert run(folder, "-o", tmp_path / "out", "--checkpoint", resized, "--threshold", "0.9999", *CPU) == 0
+    assert all(float(row["foreground_fraction"]) == 0 for row in rows_of(tmp_path / "out"))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: 2 of 2 masks have no foreground at threshold "
+                                                         "0.9999 (dark, flat)")
 
 
 def test_missing_input_is_one_error(tmp_path, capsys):
