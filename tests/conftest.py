@@ -1,4 +1,7 @@
-"""Shared fixtures: the real DRIVE copy, a 2+2-image DRIVE in its real layout, and a script runner."""
+"""Shared fixtures: the real DRIVE copy, a 2+2-image DRIVE in its real layout, and two script runners."""
+import contextlib
+import importlib.util
+import io
 import os
 import shutil
 import subprocess
@@ -40,6 +43,30 @@ def run_script(script, *args, cwd=REPO, env=None, timeout=600):
     command = [sys.executable, str(REPO / script), *map(str, args)]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def script_main(name):
+    """The main() of a top-level script, loaded from its file (`import test` would find Python's own test package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def run_in_process(script, *args):
+    """A top-level script run in this process as its `__main__` block runs it, cli.run(main): run_script's exit
+    status and output without starting Python and torch again (seconds per call), for checks of what a script
+    says about bad input. An exception cli.run does not turn into one line escapes, and fails the test."""
+    import cli
+    main_function = script_main(Path(script).stem)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            cli.run(lambda: main_function([str(arg) for arg in args]))
+            status = 0
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    return subprocess.CompletedProcess([script, *map(str, args)], status, stdout.getvalue(), stderr.getvalue())
 
 
 # Small, fast settings for a real train -> test round trip on the CPU.

@@ -1,7 +1,6 @@
 """--dataset folder: your own images and labels in the layout of docs/folder_dataset.md. Real main.py -> test.py
 round trips (binary with masks and a test folder; three classes by k-fold), the classes decided from the labels
 and recorded in the checkpoint, the scoring by hand, and one clear error (one line, exit 2) for each mismatch."""
-import importlib.util
 import json
 
 import numpy as np
@@ -12,19 +11,11 @@ import torch
 import cli
 import main
 import tasks
-from conftest import REPO, TINY
+from conftest import TINY, script_main
 from errors import UserError
 from fixtures import save
 from tasks.folder import decide_classes, read_picture, score_folder
 from tasks.splits import SplitOptions, fold_names
-
-
-def script_main(name):
-    """The main() of a top-level script, loaded from its file (`import test` would find Python's own test package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 TRAIN, TEST = script_main("main"), script_main("test")

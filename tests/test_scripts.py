@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import TINY, run_script
+from conftest import TINY, run_in_process, run_script
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,8 @@ def test_training_goes_on_without_visdom(small_drive, tmp_path):
 
 
 # --- bad input: one line on stderr, exit code 2, no traceback -------------------------------
+# One check per script runs it as a user does (a missing data root, a missing checkpoint); the others run its
+# main() in this process through the same cli.run (run_in_process), which spares starting Python and torch again.
 
 def assert_one_line_error(result, pattern):
     assert result.returncode == 2, result.stderr
@@ -147,19 +149,19 @@ def test_bad_dataset_root(tmp_path):
 
 
 def test_bad_image_size(small_drive):
-    result = run_script("main.py", "--data-root", small_drive, *TINY, "--image-size", "100")
+    result = run_in_process("main.py", "--data-root", small_drive, *TINY, "--image-size", "100")
     assert_one_line_error(result, "multiple of 32")
 
 
 def test_patch_scale_without_crops(small_drive):
-    result = run_script("main.py", "--data-root", small_drive, *TINY, "--patch-scale", "1.5")
+    result = run_in_process("main.py", "--data-root", small_drive, *TINY, "--patch-scale", "1.5")
     assert_one_line_error(result, "--patch-scale 1.5 applies to crop training only")
 
 
 def test_forced_cuda_without_gpu(small_drive):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    result = run_script("main.py", "--data-root", small_drive, *TINY[:-2], "--device", "cuda")
+    result = run_in_process("main.py", "--data-root", small_drive, *TINY[:-2], "--device", "cuda")
     assert_one_line_error(result, "CUDA is not available")
 
 
@@ -173,7 +175,7 @@ def test_auto_device_falls_back_with_notice(trained):
 
 def test_checkpoint_of_other_architecture(trained, small_drive):
     _, checkpoint, _ = trained
-    result = run_script("test.py", "--checkpoint", checkpoint, "--data-root", small_drive, "--model", "unet",
+    result = run_in_process("test.py", "--checkpoint", checkpoint, "--data-root", small_drive, "--model", "unet",
                         "--device", "cpu")
     assert_one_line_error(result, "trained as model 'cenet'")
 
@@ -182,7 +184,7 @@ def test_bare_state_dict_of_other_architecture(tmp_path, small_drive):
     import networks
     path = tmp_path / "unet.pth"
     torch.save({"module." + k: v for k, v in networks.build_model("unet").state_dict().items()}, path)
-    result = run_script("test.py", "--checkpoint", path, "--data-root", small_drive, "--device", "cpu")
+    result = run_in_process("test.py", "--checkpoint", path, "--data-root", small_drive, "--device", "cpu")
     assert_one_line_error(result, "does not fit architecture 'cenet'")
 
 
@@ -190,14 +192,14 @@ def test_checkpoint_with_other_class_count(tmp_path, small_drive):
     import networks
     path = tmp_path / "k3.pth"
     torch.save(networks.build_model("cenet", num_classes=3).state_dict(), path)
-    result = run_script("test.py", "--checkpoint", path, "--data-root", small_drive, "--device", "cpu")
+    result = run_in_process("test.py", "--checkpoint", path, "--data-root", small_drive, "--device", "cpu")
     assert_one_line_error(result, "does not fit architecture")
 
 
 def test_not_a_checkpoint(tmp_path):
     path = tmp_path / "junk.pth"
     path.write_bytes(b"this is not a checkpoint")
-    result = run_script("test.py", "--checkpoint", path)
+    result = run_in_process("test.py", "--checkpoint", path)
     assert_one_line_error(result, "not a readable PyTorch checkpoint")
 
 
