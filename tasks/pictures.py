@@ -15,7 +15,7 @@ import tifffile
 from PIL import Image, ImageSequence
 
 from errors import UserError
-from tasks.files import TIFF_SUFFIXES, upright, window_to_uint8
+from tasks.files import TIFF_SUFFIXES, grey_to_rgb, upright, window_to_uint8
 
 
 class UnreadableImage(UserError):
@@ -97,7 +97,7 @@ def to_rgb8(array):
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim == 2:
-        return np.repeat(deep_to_uint8(array)[..., None], 3, axis=2)
+        return grey_to_rgb(deep_to_uint8(array))
     if array.ndim != 3 or array.shape[-1] < 2:
         raise UnreadableImage(f"pixel array of shape {array.shape} is not a 2-D grey or colour image")
     if array.shape[-1] == 2:  # grey and alpha
