@@ -6,7 +6,12 @@
     python compare.py results/fullnet_drive_cpu --carry results/drive_cpu.json --name drive_cpu
     python compare.py results/new_cenet --carry results/drive_cpu.json --carry-after --name drive_cpu
 
-Each argument is a folder test.py wrote; --carry puts the runs of a table written before first, or after
+Each argument is a folder test.py wrote, or a <table>.json crossval.py wrote (one cross-validated run: its
+folds' test images together, paired image by image with another table over the same images):
+
+    python compare.py results/isbi_elastic_wmap.json results/isbi_backbone.json --name isbi2012_cpu
+
+--carry puts the runs of a table written before first, or after
 the new ones with --carry-after (their per-image numbers are in it, so their checkpoints and folders need
 not be on this disk). Writes
 <out>/<name>.json and <out>/<name>.md (mean ± std per model, the paired differences with Wilcoxon
@@ -21,7 +26,8 @@ import comparison
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="*", help="test.py output folders; the first is compared with each other")
+    parser.add_argument("runs", nargs="*", help="test.py output folders or crossval.py <table>.json files; the first is "
+                                                    "compared with each other")
     parser.add_argument("--carry", default=None,
                         help="a <name>.json compare.py wrote: its runs come first, so new runs join a table "
                              "whose checkpoints or test.py folders are gone")

@@ -12,6 +12,7 @@ and the two-sided Wilcoxon signed-rank p-value (scipy's exact distribution for n
 """
 import json
 import math
+import shlex
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import framework
 import networks
 import recipes
 import report
+import tasks
 from errors import UserError
 
 def load_run(eval_dir):
@@ -51,6 +53,70 @@ def load_run(eval_dir):
         "train_command": training_command(settings),
         "eval_command": evaluation_command(checkpoint, evaluated["protocol"]),
     }
+
+
+def load_crossval_table(table_path):
+    """A crossval.py table as one run: every fold's test images (each slice is tested by one fold only, so
+    they pair image by image with another table over the same slices), its summary over those images, the
+    training time of all folds together and the command that reruns it."""
+    path = Path(table_path)
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} cannot be read as JSON ({error}); pass a <table>.json that crossval.py wrote")
+    records = table.get("records") if isinstance(table, dict) else None
+    if not records:
+        raise UserError(f"{path} holds no cross-validated fold; pass a <table>.json that crossval.py wrote")
+    records = sorted(records, key=lambda record: record["fold"])
+    first = records[0]
+    per_image = {name: row for record in records for name, row in record["per_image"].items()}
+    # Folds' checkpoints are ignored files: those still on this disk tell the machine and the code's commits.
+    kept = [framework.read_checkpoint(record["checkpoint"]) for record in records
+            if Path(record["checkpoint"]).is_file()]
+    payload = kept[0] if kept else {}
+    commits = list(dict.fromkeys(checkpoint.get("git_commit", "not recorded") for checkpoint in kept))
+    settings = first["settings"]
+    return {
+        "eval_dir": str(path), "checkpoint": first["checkpoint"], "model": first["protocol"]["model"],
+        "title": networks.MODEL_TITLES.get(first["protocol"]["model"], first["protocol"]["model"]),
+        "loss": settings.get("LOSS"), "augment": data.augmentation_mode(settings.get("AUGMENT")),
+        "patch_scale": settings.get("PATCH_SCALE", 1.0),
+        "summary": table["aggregate"]["over_images"], "over_folds": table["aggregate"]["over_folds"],
+        "folds": [record["fold"] for record in records], "num_folds": table.get("folds"),
+        "per_image": per_image, "protocol": first["protocol"], "steps": first["protocol"].get("train_steps"),
+        "train_seconds": sum(record["train_seconds"] or 0 for record in records),
+        "eval_seconds": sum(record["eval_seconds"] or 0 for record in records),
+        "pretrained": first["protocol"].get("pretrained"), "train_machine": payload.get("machine"),
+        "train_commit": ", ".join(commits) or "not recorded",
+        "train_log": find_train_log(first["checkpoint"], settings) if payload else None,
+        "train_command": every_fold_command(table.get("command", "")),
+        "eval_command": evaluation_command(fold_pattern(first["checkpoint"], first["fold"]), first["protocol"]),
+        "table": path.stem,
+    }
+
+
+def fold_pattern(checkpoint, fold):
+    """weights/name_fold0/final.pth -> weights/name_fold<K>/final.pth"""
+    path = Path(checkpoint)
+    return str(path.parent.with_name(path.parent.name.replace(f"_fold{fold}", "_fold<K>")) / path.name)
+
+
+def every_fold_command(command):
+    """A crossval.py command line without its --only: the one command that trains and scores every fold."""
+    words = shlex.split(command)
+    kept = []
+    for index, word in enumerate(words):
+        if word == "--only" or word.startswith("--only="):
+            continue
+        if index and words[index - 1] == "--only":
+            continue
+        kept.append(word)
+    return shlex.join(kept)
+
+
+def load_any(path):
+    """A test.py folder, or a crossval.py <table>.json."""
+    return load_crossval_table(path) if str(path).endswith(".json") else load_run(path)
 
 
 LOSS_TITLES = {"dice": "Dice", "bce": "BCE", "ce": "CE", "dice_bce": "Dice + BCE", "varce": "varCE"}
@@ -104,7 +170,7 @@ def distinct_titles(runs):
             ("trained_on", trained_on), ("loss", lambda run: run.get("loss")),
             ("augment", lambda run: run.get("augment")), ("preprocess", preprocess_of),
             ("scale", scale_of), ("eval_scale", eval_scale_of), ("steps", lambda run: run.get("steps")),
-            ("tta", tta_of), ("split", split_of))}
+            ("tta", tta_of), ("split", split_of), ("postprocess", postprocess_of))}
         for run in group:
             parts = [run["title"]]
             if differ["trained_on"]:
@@ -119,7 +185,10 @@ def distinct_titles(runs):
                 parts.append(f"{scale_of(run):g}x scale")
             if differ["eval_scale"]:
                 parts.append(EVAL_SCALE_TITLES.get(eval_scale_of(run), f"{eval_scale_of(run)}x prediction scale"))
-            told_apart = ("trained_on", "loss", "augment", "preprocess", "scale", "eval_scale", "tta", "split")
+            if differ["postprocess"] and postprocess_of(run) != "none":
+                parts.append(f"{postprocess_of(run)} post-processing")
+            told_apart = ("trained_on", "loss", "augment", "preprocess", "scale", "eval_scale", "tta", "split",
+                          "postprocess")
             if differ["steps"] or not any(differ[name] for name in told_apart):
                 parts.append(f"{run.get('steps')} steps")
             if differ["tta"] and not tta_of(run):
@@ -130,7 +199,7 @@ def distinct_titles(runs):
         titles = [run["title"] for run in group]
         for run in group:  # differing in something else (a learning rate, a seed): the run's folder says which
             if titles.count(run["title"]) > 1:
-                run["title"] += f" ({Path(run['checkpoint']).parent.name})"
+                run["title"] += f" ({run.get('table') or Path(run['checkpoint']).parent.name})"
     return runs
 
 
@@ -153,6 +222,10 @@ def preprocess_of(run):
 
 def scale_of(run):
     return run.get("patch_scale", 1.0)
+
+
+def postprocess_of(run):
+    return run.get("protocol", {}).get("postprocess", "none")
 
 
 def tta_of(run):
@@ -199,6 +272,8 @@ def evaluation_command(checkpoint, protocol):
         words.append(f"--threshold {protocol['threshold']}")
     if protocol.get("scoring", "ours") != constants.PROTOCOL:
         words.append(f"--protocol {protocol['scoring']}")
+    if protocol.get("postprocess", "none") != "none":
+        words.append(f"--postprocess {protocol['postprocess']}")
     return " ".join(words)
 
 
@@ -266,15 +341,33 @@ def minutes(seconds):
 def render_markdown(title, runs, comparisons, metric_names, figures, notes=()):
     first = runs[0]
     lines = [f"# {title}", "",
-             "Written by `compare.py` from the test.py folders of these runs; rerun it rather than editing this "
+             "Written by `compare.py` from the test.py folders (or crossval.py tables) of these runs; rerun it "
+             "rather than editing this "
              "file. Every number below was measured, on the machine named under *How these were made*.", "",
              f"## Test images: mean ± std over the {len(first['per_image'])} images", "",
              first["protocol"]["evaluation"], ""]
-    headers = ["model", "steps", "training", "test-time augmentation", "evaluation"] + metric_names
-    rows = [[run["title"], run["steps"], minutes(run["train_seconds"]),
-             "8-way flips" if run["protocol"]["tta"] else "none", minutes(run["eval_seconds"])]
-            + [summary_cell(run["summary"].get(name)) for name in metric_names] for run in runs]
+    crossval = any(run.get("folds") for run in runs)
+    paper = paper_figures(first)
+    paper_metrics = [name for name in metric_names if any(name in row for row in paper.get("figures", {}).values())]
+    headers = (["model"] + (["folds"] if crossval else []) + ["steps", "training", "test-time augmentation",
+                                                              "evaluation"]
+               + metric_names + [f"paper {name}" for name in paper_metrics])
+    rows = []
+    for run in runs:
+        row = [run["title"]] + ([folds_cell(run)] if crossval else []) + [
+            run["steps"], minutes(run["train_seconds"]), "8-way flips" if run["protocol"]["tta"] else "none",
+            minutes(run["eval_seconds"])]
+        row += [summary_cell(run["summary"].get(name)) for name in metric_names]
+        published = paper.get("figures", {}).get(run["model"], {})
+        row += [f"{published[name]:.4f}" if name in published else "n/a" for name in paper_metrics]
+        rows.append(row)
     lines.append(report.markdown_table(headers, rows))
+    if crossval:
+        lines += ["Cross-validated rows: each test image is scored by the one fold that held it out; steps are a "
+                  "fold's, training and evaluation times are all folds' together.", ""]
+        lines += fold_lines(runs, metric_names)
+    if paper_metrics:
+        lines += [f"Paper columns: {paper['source']}.", ""]
     for reference, other, comparison in comparisons:
         lines += [f"## Paired per-image comparison: {reference['title']} − {other['title']}", "",
                   "Differences taken image by image over the same test images; p = two-sided Wilcoxon "
@@ -297,10 +390,13 @@ def render_markdown(title, runs, comparisons, metric_names, figures, notes=()):
     for run in runs:
         machine = f" on {run['train_machine']}" if run["train_machine"] else ""
         encoder = str(run["pretrained"]).removeprefix("encoder: ")
-        lines += [f"- **{run['title']}**: {run['steps']} training steps in {minutes(run['train_seconds'])}{machine}, "
-                  f"code at commit `{run['train_commit']}`; encoder: {encoder}.",
+        steps = (f"{run['steps']} training steps a fold, {len(run['folds'])} folds in {minutes(run['train_seconds'])}"
+                 if run.get("folds") else f"{run['steps']} training steps in {minutes(run['train_seconds'])}")
+        lines += [f"- **{run['title']}**: {steps}{machine}, "
+                  f"{commits_text(run['train_commit'])}; encoder: {encoder}.",
                   f"  - train: `{run['train_command']}`",
-                  f"  - evaluate: `{run['eval_command']}` ({minutes(run['eval_seconds'])} on "
+                  f"  - evaluate{' each fold K (that command does it)' if run.get('folds') else ''}: "
+                  f"`{run['eval_command']}` ({minutes(run['eval_seconds'])} on "
                   f"{run['protocol'].get('machine', run['protocol']['device'])}; test-time augmentation: "
                   f"{'8-way flips' if run['protocol']['tta'] else 'none'}; threshold {run['protocol']['threshold']}; "
                   f"input: {run['protocol'].get('input', 'resized')})"]
@@ -309,6 +405,31 @@ def render_markdown(title, runs, comparisons, metric_names, figures, notes=()):
         lines += ["", f"## {first['title']}: figures", ""]
         lines += [f"![{Path(name).stem}]({name})" for name in figures]
     return "\n".join(lines) + "\n"
+
+
+def commits_text(commits):
+    """'code at commit `a`', or 'code at commits `a`, `b`' for folds trained at several commits."""
+    names = [name.strip() for name in str(commits).split(",")]
+    return f"code at commit{'s' if len(names) > 1 else ''} " + ", ".join(f"`{name}`" for name in names)
+
+
+def folds_cell(run):
+    if not run.get("folds"):
+        return "n/a"
+    return f"{', '.join(str(fold) for fold in run['folds'])} of {run['num_folds']}"
+
+
+def paper_figures(run):
+    """The paper's figures for the dataset `run` was scored on ({} where the paper reports none)."""
+    name = run.get("protocol", {}).get("dataset")
+    return (tasks.DATASETS[name].paper or {}) if name in tasks.DATASETS else {}
+
+
+def fold_lines(runs, metric_names):
+    """Mean ± std over folds (one value per fold: the mean of its test images) of the cross-validated runs."""
+    body = [[run["title"], folds_cell(run)] + [summary_cell(run["over_folds"].get(name)) for name in metric_names]
+            for run in runs if run.get("folds")]
+    return ["### Mean ± std over folds", "", report.markdown_table(["model", "folds"] + metric_names, body)]
 
 
 def copy_figures(run, out, prefix, overlay):
@@ -358,7 +479,7 @@ def write(name, title, eval_dirs, out, overlay="01", notes=(), carry=None, carry
     the new ones."""
     carried, carried_dir, carried_figures, carried_notes = carried_runs(carry) if carry else ([], None, [], [])
     notes = list(dict.fromkeys([*carried_notes, *notes]))
-    new = [load_run(path) for path in eval_dirs]
+    new = [load_any(path) for path in eval_dirs]
     runs = distinct_titles(new + carried if carry_after else carried + new)
     if not runs:
         raise UserError("nothing to compare: pass test.py output folders (and/or --carry TABLE.json)")

@@ -54,6 +54,9 @@ class Dataset:
     # POSTPROCESS): predicted_mask(prob (1, H, W) tensor, threshold, **score settings) -> (H, W) bool. predict.py
     # writes this mask, so it matches what test.py scores. None: probability above the threshold.
     predicted_mask: Optional[Callable] = None
+    # The paper's figures for this dataset, where it reports some, for results tables to print beside ours:
+    # {"source": where and in which setting they were measured, "figures": {model: {metric: value}}}.
+    paper: Optional[dict] = None
 
     def with_classes(self, settings):
         """`settings` with CLASS_VALUES decided, for a dataset whose labels decide its classes and settings that

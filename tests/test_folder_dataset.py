@@ -9,7 +9,6 @@ import tifffile
 import torch
 
 import cli
-import main
 import tasks
 from conftest import TINY, script_main
 from errors import UserError

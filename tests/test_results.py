@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import comparison
+import crossval
 import devices
 import evaluation
 import framework
@@ -145,6 +146,46 @@ def test_new_runs_join_a_carried_table_whose_folders_are_gone(tmp_path):
     (tmp_path / "broken.json").write_text("{ not json")
     with pytest.raises(UserError, match="is not JSON"):
         comparison.write("new", "t", [], tmp_path, carry=tmp_path / "broken.json")
+
+
+def crossval_table(folder, name, model, slices_by_fold, postprocess="none"):
+    """A <name>.json as crossval.py writes it, each fold testing the slices given with their VRand values."""
+    records = []
+    for fold, values in slices_by_fold.items():
+        per_image = {f"slice{index:02d}": {"VRand": value, "VInfo": 0.9}
+                     for index, value in zip(range(2 * fold, 2 * fold + len(values)), values)}
+        protocol = {"model": model, "dataset": "isbi2012", "trained_on": "isbi2012", "tta": True,
+                    "threshold": 0.5, "device": "cpu", "evaluation": "V^Rand as the challenge scores",
+                    "train_steps": 1200, "postprocess": postprocess}
+        records.append({"fold": fold, "checkpoint": f"weights/{name}_fold{fold}/final.pth", "protocol": protocol,
+                        "summary": {"VRand": sum(values) / len(values), "VInfo": 0.9}, "per_image": per_image,
+                        "train_seconds": 600.0, "eval_seconds": 30.0, "settings": {"MODEL": model, "LOSS": "dice"}})
+    command = f"python crossval.py --name {name} --only {max(slices_by_fold)} --model {model} --dataset isbi2012"
+    crossval.write_outputs(folder, name, 5, records, command)
+    return folder / f"{name}.json"
+
+
+def test_crossval_tables_pair_slice_by_slice_with_the_papers_figures_beside(tmp_path):
+    cenet = crossval_table(tmp_path, "cells", "cenet", {0: [0.90, 0.80], 1: [0.95, 0.85]}, "watershed")
+    backbone = crossval_table(tmp_path, "cells_backbone", "backbone", {0: [0.86, 0.81]})
+    json_path, md_path = comparison.write("isbi", "t", [cenet, backbone], tmp_path)
+    written, page = json.loads(json_path.read_text()), md_path.read_text()
+    lead = written["runs"][0]
+    assert sorted(lead["per_image"]) == ["slice00", "slice01", "slice02", "slice03"]
+    assert lead["summary"]["VRand"]["mean"] == pytest.approx((0.90 + 0.80 + 0.95 + 0.85) / 4)
+    assert lead["over_folds"]["VRand"]["mean"] == pytest.approx((0.85 + 0.90) / 2)
+    # pairs only over the slices both tables tested: fold 0's, differences +0.04 and -0.01
+    vrand = written["paired"][0]["metrics"]["VRand"]
+    assert (vrand["images"], vrand["first_higher"]) == (2, 1)
+    assert vrand["mean_difference"] == pytest.approx(0.015)
+    assert lead["train_seconds"] == 1200.0 and lead["folds"] == [0, 1]
+    assert lead["train_command"] == "python crossval.py --name cells --model cenet --dataset isbi2012"
+    assert lead["eval_command"] == "python test.py --checkpoint weights/cells_fold<K>/final.pth --postprocess watershed"
+    assert "| CE-Net | 0, 1 of 5 | 1200 |" in page and "| 0.9743 | 0.9878 |" in page    # Table IV beside ours
+    assert "| Backbone | 0 of 5 | 1200 |" in page and "| 0.9569 | 0.9716 |" in page
+    assert "| Backbone | 0 of 5 | 0.8350 ± 0.0000 |" in page    # over folds: one fold, its mean
+    with pytest.raises(UserError, match="no cross-validated fold"):
+        comparison.write("isbi", "t", [tmp_path / "isbi.json"], tmp_path)
 
 
 def test_evaluation_command_reproduces_the_test_protocol():
