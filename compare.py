@@ -24,6 +24,13 @@ import cli
 import comparison
 
 
+def folds_list(text):
+    try:
+        return sorted({int(word) for word in text.split(",") if word.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of fold numbers, e.g. 0,2")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", help="test.py output folders or crossval.py <table>.json files; the first is "
@@ -38,6 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--title", default="Evaluated runs side by side", help="the table's heading")
     parser.add_argument("--out", default="results", help="folder for <name>.json, <name>.md and figures/")
     parser.add_argument("--overlay", default="01", help="which test image's overlay to copy (default: 01)")
+    parser.add_argument("--folds", type=folds_list, default=None,
+                        help="comma-separated folds: only those folds of each crossval.py table (e.g. 0, to set "
+                             "a lever measured on fold 0 beside fold 0 of a finished table)")
     parser.add_argument("--note", action="append", default=[],
                         help="a sentence for the table's 'How these were made' list (repeatable)")
     return parser.parse_args(argv)
@@ -46,7 +56,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     json_path, md_path = comparison.write(args.name, args.title, args.runs, args.out, args.overlay,
-                                           args.note, carry=args.carry, carry_after=args.carry_after)
+                                           args.note, carry=args.carry, carry_after=args.carry_after,
+                                           folds=args.folds)
     print(f"wrote {json_path} and {md_path}")
 
 

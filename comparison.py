@@ -26,6 +26,7 @@ import framework
 import networks
 import recipes
 import report
+import tables
 import tasks
 from errors import UserError
 
@@ -55,10 +56,11 @@ def load_run(eval_dir):
     }
 
 
-def load_crossval_table(table_path):
+def load_crossval_table(table_path, folds=None):
     """A crossval.py table as one run: every fold's test images (each slice is tested by one fold only, so
     they pair image by image with another table over the same slices), its summary over those images, the
-    training time of all folds together and the command that reruns it."""
+    training time of all folds together and the command that reruns it. `folds`: only those folds' records
+    (a lever measured on one fold, set beside that fold of a finished table)."""
     path = Path(table_path)
     try:
         table = json.loads(path.read_text())
@@ -68,27 +70,38 @@ def load_crossval_table(table_path):
     if not records:
         raise UserError(f"{path} holds no cross-validated fold; pass a <table>.json that crossval.py wrote")
     records = sorted(records, key=lambda record: record["fold"])
+    if folds is not None:
+        missing = sorted(set(folds) - {record["fold"] for record in records})
+        if missing:
+            done = ", ".join(str(record["fold"]) for record in records)
+            raise UserError(f"{path} has no fold {', '.join(map(str, missing))} (folds done: {done}); "
+                            f"pass --folds with folds every table has")
+        records = [record for record in records if record["fold"] in folds]
     first = records[0]
     per_image = {name: row for record in records for name, row in record["per_image"].items()}
-    # Folds' checkpoints are ignored files: those still on this disk tell the machine and the code's commits.
+    totals = tables.aggregate_folds(records)
+    # Tables written before folds recorded their commit and machine: the checkpoints still on this disk say.
     kept = [framework.read_checkpoint(record["checkpoint"]) for record in records
-            if Path(record["checkpoint"]).is_file()]
+            if not record.get("git_commit") and Path(record["checkpoint"]).is_file()]
     payload = kept[0] if kept else {}
-    commits = list(dict.fromkeys(checkpoint.get("git_commit", "not recorded") for checkpoint in kept))
+    commits = list(dict.fromkeys([*(record["git_commit"] for record in records if record.get("git_commit")),
+                                  *(checkpoint.get("git_commit", "not recorded") for checkpoint in kept)]))
+    machine = next((record["machine"] for record in records if record.get("machine")), payload.get("machine"))
+    on_disk = Path(first["checkpoint"]).is_file()
     settings = first["settings"]
     return {
         "eval_dir": str(path), "checkpoint": first["checkpoint"], "model": first["protocol"]["model"],
         "title": networks.MODEL_TITLES.get(first["protocol"]["model"], first["protocol"]["model"]),
         "loss": settings.get("LOSS"), "augment": data.augmentation_mode(settings.get("AUGMENT")),
         "patch_scale": settings.get("PATCH_SCALE", 1.0),
-        "summary": table["aggregate"]["over_images"], "over_folds": table["aggregate"]["over_folds"],
+        "summary": totals["over_images"], "over_folds": totals["over_folds"],
         "folds": [record["fold"] for record in records], "num_folds": table.get("folds"),
         "per_image": per_image, "protocol": first["protocol"], "steps": first["protocol"].get("train_steps"),
         "train_seconds": sum(record["train_seconds"] or 0 for record in records),
         "eval_seconds": sum(record["eval_seconds"] or 0 for record in records),
-        "pretrained": first["protocol"].get("pretrained"), "train_machine": payload.get("machine"),
+        "pretrained": first["protocol"].get("pretrained"), "train_machine": machine,
         "train_commit": ", ".join(commits) or "not recorded",
-        "train_log": find_train_log(first["checkpoint"], settings) if payload else None,
+        "train_log": find_train_log(first["checkpoint"], settings) if on_disk else None,
         "train_command": every_fold_command(table.get("command", "")),
         "eval_command": evaluation_command(fold_pattern(first["checkpoint"], first["fold"]), first["protocol"]),
         "table": path.stem,
@@ -114,12 +127,13 @@ def every_fold_command(command):
     return shlex.join(kept)
 
 
-def load_any(path):
-    """A test.py folder, or a crossval.py <table>.json."""
-    return load_crossval_table(path) if str(path).endswith(".json") else load_run(path)
+def load_any(path, folds=None):
+    """A test.py folder, or a crossval.py <table>.json (only `folds` of it, if given)."""
+    return load_crossval_table(path, folds) if str(path).endswith(".json") else load_run(path)
 
 
-LOSS_TITLES = {"dice": "Dice", "bce": "BCE", "ce": "CE", "dice_bce": "Dice + BCE", "varce": "varCE"}
+LOSS_TITLES = {"dice": "Dice", "bce": "BCE", "ce": "CE", "dice_bce": "Dice + BCE", "varce": "varCE",
+               "weighted_bce_dice": "Dice + border-weighted BCE"}
 PREPROCESS_TITLES = {"clahe": "CLAHE", "authors": "authors' preprocessing"}
 AUGMENT_TITLES = {"paper": "paper's augmentation", "authors_code": "authors' augmentation", "flips": "flips only",
                   "elastic": "elastic augmentation", "camera": "camera augmentation", "none": "no augmentation"}
@@ -390,8 +404,10 @@ def render_markdown(title, runs, comparisons, metric_names, figures, notes=()):
     for run in runs:
         machine = f" on {run['train_machine']}" if run["train_machine"] else ""
         encoder = str(run["pretrained"]).removeprefix("encoder: ")
-        steps = (f"{run['steps']} training steps a fold, {len(run['folds'])} folds in {minutes(run['train_seconds'])}"
-                 if run.get("folds") else f"{run['steps']} training steps in {minutes(run['train_seconds'])}")
+        folds = len(run.get("folds") or [])
+        steps = (f"{run['steps']} training steps a fold, {folds} fold{'s' if folds > 1 else ''} in "
+                 f"{minutes(run['train_seconds'])}"
+                 if folds else f"{run['steps']} training steps in {minutes(run['train_seconds'])}")
         lines += [f"- **{run['title']}**: {steps}{machine}, "
                   f"{commits_text(run['train_commit'])}; encoder: {encoder}.",
                   f"  - train: `{run['train_command']}`",
@@ -472,14 +488,14 @@ def keep_figures(names, table_dir, out):
     return kept
 
 
-def write(name, title, eval_dirs, out, overlay="01", notes=(), carry=None, carry_after=False):
+def write(name, title, eval_dirs, out, overlay="01", notes=(), carry=None, carry_after=False, folds=None):
     """`carry`: a table written before whose runs come first (its first run stays the reference), with
     its figures where the first run's test.py folder is no longer on this disk; with `carry_after` they
     come after the new runs, so the first new run becomes the reference. The carried table's notes stay, before
     the new ones."""
     carried, carried_dir, carried_figures, carried_notes = carried_runs(carry) if carry else ([], None, [], [])
     notes = list(dict.fromkeys([*carried_notes, *notes]))
-    new = [load_any(path) for path in eval_dirs]
+    new = [load_any(path, folds) for path in eval_dirs]
     runs = distinct_titles(new + carried if carry_after else carried + new)
     if not runs:
         raise UserError("nothing to compare: pass test.py output folders (and/or --carry TABLE.json)")

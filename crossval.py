@@ -28,7 +28,6 @@ import torch
 
 import cli
 import evaluation
-import metrics
 import report
 import tables
 import training
@@ -151,24 +150,11 @@ def run_fold(fold, settings, given, state, found, out):
             "summary": {name: tables.finite(value["mean"]) for name, value in summary.items()},
             "per_image": scored["per_image"], "protocol": scored["protocol"],
             "train_seconds": checkpoint.get("train_seconds"), "eval_seconds": round(seconds, 1),
+            "git_commit": checkpoint.get("git_commit"), "machine": checkpoint.get("machine"),
             "settings": experiment(settings), "finished": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
 # --- aggregation ---------------------------------------------------------------------------------------
-
-def as_numbers(row):
-    """A JSON row (undefined figures stored as null) with NaN for null, as metrics.summarize reads it."""
-    return {name: math.nan if value is None else value for name, value in row.items()}
-
-
-def aggregate(records):
-    """Mean and population std of every figure over the folds' means (one value a fold) and over all test
-    images of all folds (one value an image), by metrics.summarize."""
-    fold_means = [as_numbers(record["summary"]) for record in records]
-    images = [as_numbers(row) for record in records for row in record["per_image"].values()]
-    return {"folds": [record["fold"] for record in records], "images": len(images),
-            "over_folds": metrics.summarize(fold_means), "over_images": metrics.summarize(images)}
-
 
 def render_markdown(table, folds, records, totals, command):
     done = ", ".join(str(fold) for fold in totals["folds"])
@@ -198,7 +184,7 @@ def mean_std(stat):
 
 def write_outputs(out_root, table, folds, records, command):
     records = sorted(records, key=lambda record: record["fold"])
-    totals = aggregate(records)
+    totals = tables.aggregate_folds(records)
     report.write_json(out_root / f"{table}.json", {"table": table, "folds": folds, "command": command,
                                                    "aggregate": totals, "records": records})
     report.write_text(out_root / f"{table}.md", render_markdown(table, folds, records, totals, command))

@@ -6,6 +6,7 @@ import math
 import statistics
 from pathlib import Path
 
+import metrics
 import networks
 import report
 from errors import UserError
@@ -157,6 +158,19 @@ def aggregate(records):
         })
     return rows
 
+
+def as_numbers(row):
+    """A JSON row (undefined figures stored as null) with NaN for null, as metrics.summarize reads it."""
+    return {name: math.nan if value is None else value for name, value in row.items()}
+
+
+def aggregate_folds(records):
+    """Of crossval.py's fold records: mean and population std of every figure over the folds' means (one
+    value a fold) and over all test images of all folds (one value an image), by metrics.summarize."""
+    fold_means = [as_numbers(record["summary"]) for record in records]
+    images = [as_numbers(row) for record in records for row in record["per_image"].values()]
+    return {"folds": [record["fold"] for record in records], "images": len(images),
+            "over_folds": metrics.summarize(fold_means), "over_images": metrics.summarize(images)}
 
 
 def best_cenet(records):

@@ -188,6 +188,22 @@ def test_crossval_tables_pair_slice_by_slice_with_the_papers_figures_beside(tmp_
         comparison.write("isbi", "t", [tmp_path / "isbi.json"], tmp_path)
 
 
+def test_a_lever_on_one_fold_sits_beside_that_fold_of_a_finished_table(tmp_path):
+    recipe = crossval_table(tmp_path, "cells", "cenet", {0: [0.90, 0.80], 1: [0.95, 0.85], 2: [0.70, 0.75]})
+    lever = crossval_table(tmp_path, "cells_plain", "cenet", {0: [0.88, 0.84]})
+    table = json.loads(recipe.read_text())
+    table["records"][0]["git_commit"] = "abc123"    # folds trained since record their commit themselves
+    recipe.write_text(json.dumps(table))
+    json_path, md_path = comparison.write("levers", "t", [recipe, lever], tmp_path, folds=[0])
+    lead = json.loads(json_path.read_text())["runs"][0]
+    assert sorted(lead["per_image"]) == ["slice00", "slice01"] and lead["folds"] == [0]
+    assert lead["summary"]["VRand"]["mean"] == pytest.approx(0.85)      # fold 0's slices, not all six
+    assert lead["train_seconds"] == 600.0 and lead["train_commit"] == "abc123"
+    assert "mean ± std over the 2 images" in md_path.read_text()
+    with pytest.raises(UserError, match=r"cells_plain.json has no fold 2 \(folds done: 0\)"):
+        comparison.write("levers", "t", [recipe, lever], tmp_path, folds=[0, 2])
+
+
 def test_evaluation_command_reproduces_the_test_protocol():
     assert comparison.evaluation_command("w.pth", {"tta": True, "threshold": 0.5, "scoring": "ours"}) == \
         "python test.py --checkpoint w.pth"
