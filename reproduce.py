@@ -283,7 +283,9 @@ def main(argv=None):
     if args.dry_run:
         for index, (recipe, model, seed, settings) in enumerate(runs, 1):
             state = "to run" if (recipe, model, seed) in todo else "recorded"
-            say(f"[{index}/{len(runs)}] {recipe}/{model} seed {seed}: {settings['IMAGE_SIZE']}px, "
+            size = (f"random {settings['PATCH_SIZE']}px crops" if settings["PATCH_SIZE"]
+                    else f"{settings['IMAGE_SIZE']}px images")
+            say(f"[{index}/{len(runs)}] {recipe}/{model} seed {seed}: {size}, "
                 f"{settings['EPOCHS']} epochs, loss {settings['LOSS']} ({state})")
         return
     if not todo and not records:

@@ -170,8 +170,14 @@ def test_dry_run_plans_the_full_table_without_running(tmp_path):
     # 2 recipes x (6 ablation models x 3 seeds + cenet and unet x 5 seeds)
     assert "plan: 56 runs" in printed and "H100 estimate" in printed
     assert printed.count("faithful/cenet seed") == 5 and printed.count("faithful/backbone_rmp seed") == 3
-    assert "hires/unet seed 4: 576px, 1000 epochs" in printed
+    assert "hires/unet seed 4: 576px images, 1000 epochs" in printed
     assert not list(tmp_path.iterdir())
+
+
+def test_dry_run_of_a_crop_recipe_names_its_crops(tmp_path):
+    printed = run_reproduce(["--dry-run", "--out", tmp_path, "--table", "drive_ablation_cpu", "--recipes", "cpu",
+                             "--models", "cenet", "--seeds-main", "1"])
+    assert "cpu/cenet seed 0: random 256px crops, 280 epochs, loss dice_bce (to run)" in printed
 
 
 # --- in-process: the arithmetic and bookkeeping, on hand-made numbers ------------------------------------
