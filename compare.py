@@ -26,9 +26,12 @@ import comparison
 
 def folds_list(text):
     try:
-        return sorted({int(word) for word in text.split(",") if word.strip()})
+        folds = sorted({int(word) for word in text.split(",") if word.strip()})
     except ValueError:
+        folds = []
+    if not folds:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of fold numbers, e.g. 0,2")
+    return folds
 
 
 def parse_args(argv=None):
