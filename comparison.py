@@ -356,8 +356,8 @@ def render_markdown(title, runs, comparisons, metric_names, figures, notes=()):
     first = runs[0]
     lines = [f"# {title}", "",
              "Written by `compare.py` from the test.py folders (or crossval.py tables) of these runs; rerun it "
-             "rather than editing this "
-             "file. Every number below was measured, on the machine named under *How these were made*.", "",
+             "rather than editing this file. Every number below was measured, on the machine named under *How "
+             "these were made*.", "",
              f"## Test images: mean ± std over the {len(first['per_image'])} images", "",
              first["protocol"]["evaluation"], ""]
     crossval = any(run.get("folds") for run in runs)
