@@ -70,7 +70,8 @@ WEIGHTS_DIR = "weights"
 RESULTS_DIR = "results"
 THRESHOLD = 0.5               # probability threshold for binary masks and Acc/Sen/Spe/F1
 POSTPROCESS = "none"          # isbi2012 scoring: the membrane map before thinning: none (prob > THRESHOLD), closing
-                              # (that, 3x3 closed), watershed (seeded on the probability); see tasks/em_cells.py
+                              # (that, 3x3 closed), watershed (seeded on the probability); see tasks/em_cells.py.
+                              # monuseg: none, or watershed (touching predicted nuclei cut apart; tasks/monuseg.py)
 WATERSHED_SEED = 0.2          # POSTPROCESS watershed: pixels below this membrane probability seed the cells
 PROTOCOL = "ours"             # ours: native resolution, whole image and FOV; authors: their test_cenet.py (DRIVE)
 TTA = True                    # 8-way dihedral test-time augmentation

@@ -154,8 +154,9 @@ def score_options(settings, spec):
     isbi2012's POSTPROCESS), from `settings`; a post-processing the dataset's scoring does not read is one
     clear error."""
     if settings.get("POSTPROCESS", "none") != "none" and "POSTPROCESS" not in spec.score_settings:
-        raise UserError(f"--postprocess {settings['POSTPROCESS']} applies to the membrane scoring of isbi2012 only, "
-                        f"not {settings['DATASET']!r}; drop the flag")
+        readers = [name for name, entry in tasks.DATASETS.items() if "POSTPROCESS" in entry.score_settings]
+        raise UserError(f"--postprocess {settings['POSTPROCESS']} applies to the scoring of {' and '.join(readers)} "
+                        f"only, not {settings['DATASET']!r}; drop the flag")
     return {name.lower(): settings[name] for name in spec.score_settings}
 
 

@@ -19,9 +19,10 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import numpy as np
+from skimage.segmentation import find_boundaries
 
 from errors import UserError
-from metrics import dice_coefficient, object_scores
+from metrics import ObjectPairs, dice_coefficient, object_scores
 from tasks.files import files_by_stem, read_image
 from tasks.glas import MIN_NUCLEUS_AREA, nuclei_from_probability
 from tasks.sample import Dataset, Sample
@@ -30,9 +31,9 @@ TRAIN_IMAGES = Path("MoNuSeg 2018 Training Data") / "Tissue Images"
 TRAIN_ANNOTATIONS = Path("MoNuSeg 2018 Training Data") / "Annotations"
 TEST_FOLDER = Path("MoNuSegTestData")
 TILE_SUFFIXES = (".tif", ".tiff", ".png")
-# Scoring cuts touching predicted nuclei apart with a seeded watershed (tasks.glas.split_touching_nuclei) when
-# True. Off: FullNet's post-processing has no such step (docs/datasets.md gives what it changes on ground truth).
-SPLIT_TOUCHING = False
+# POSTPROCESS for nuclei: "watershed" cuts touching predicted nuclei apart with a seeded watershed
+# (tasks.glas.split_touching_nuclei); "none", the default, is FullNet's post-processing, which has no such step.
+NUCLEUS_POSTPROCESSINGS = ("none", "watershed")
 
 
 # --- which files -----------------------------------------------------------------------------------
@@ -199,24 +200,91 @@ def row_crossings(x0, y0, x1, y1, rows):
 
 # --- scores ----------------------------------------------------------------------------------------
 
-def score_nuclei(prob, sample, threshold):
+def predicted_nuclei(prob, threshold, postprocess="none"):
+    """The (H, W) instance map scored for a (1, H, W) probability map: tasks.glas.nuclei_from_probability, with
+    touching nuclei cut apart when `postprocess` is "watershed"."""
+    if postprocess not in NUCLEUS_POSTPROCESSINGS:
+        raise UserError(f"--postprocess {postprocess} is for isbi2012's membranes; nuclei take "
+                        f"{' or '.join(NUCLEUS_POSTPROCESSINGS)}")
+    return nuclei_from_probability(prob, threshold, split_touching=postprocess == "watershed")
+
+
+def nucleus_mask(prob, threshold, postprocess="none"):
+    """(H, W) bool: the predicted nuclei as scored, where two of them touch parted by a 1-px line, so a mask that
+    predict.py writes shows what test.py counts."""
+    instances = predicted_nuclei(prob, threshold, postprocess)
+    return (instances > 0) & ~touching_side(instances)
+
+
+def touching_side(instances):
+    """(H, W) bool: the pixels of a nucleus with a 4-neighbour of another nucleus of lower id: one side of
+    every contact, so removing them parts two nuclei by one pixel."""
+    padded = np.pad(instances, 1)
+    centre = padded[1:-1, 1:-1]
+    height, width = instances.shape
+    touching = np.zeros(instances.shape, bool)
+    for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+        neighbour = padded[1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
+        touching |= (neighbour > 0) & (neighbour < centre)
+    return touching
+
+
+def score_nuclei(prob, sample, threshold, postprocess="none"):
     """The field's nucleus scores of one tile: AJI, object F1, object Dice, object Hausdorff (pixels) of the
-    predicted instance map (tasks.glas.nuclei_from_probability) against the rasterised outlines, and the pixel
-    Dice of nucleus vs background."""
-    predicted = nuclei_from_probability(prob, threshold, split_touching=SPLIT_TOUCHING)
+    predicted instance map (predicted_nuclei) against the rasterised outlines, and the pixel Dice of nucleus
+    vs background."""
+    predicted = predicted_nuclei(prob, threshold, postprocess)
     row = object_scores(predicted, sample.instances)
     row["pixel Dice"] = float(dice_coefficient(predicted > 0, sample.instances > 0))
     return row, None
 
 
+# Colours of the nuclei picture: outlines of the annotated and the predicted nuclei, and the two errors that cost
+# AJI and object F1 most.
+TRUE_OUTLINE = np.array([255, 230, 0], np.float32)
+PREDICTED_OUTLINE = np.array([0, 255, 90], np.float32)
+MERGED_COLOUR = np.array([255, 120, 0], np.float32)
+MISSED_COLOUR = np.array([0, 150, 255], np.float32)
+
+
+def nucleus_errors(predicted, truth):
+    """(ids of predicted nuclei that cover at least half of two or more annotated nuclei: merges, ids of annotated
+    nuclei of which no predicted nucleus covers half: misses), as positions in each map's sorted nonzero ids."""
+    pairs = ObjectPairs(predicted, truth)
+    covers_half = pairs.inner() * 2 >= pairs.real_areas[None, :]
+    merging = np.flatnonzero(covers_half.sum(axis=1) >= 2) + 1
+    missed = np.flatnonzero(~covers_half.any(axis=0)) + 1
+    return pairs, merging, missed
+
+
+def nuclei_errors_picture(prob, sample, threshold, postprocess="none"):
+    """An RGB uint8 picture of the tile (dimmed) with the predicted nuclei as scored (score_nuclei), where
+    predicted nuclei that merge two or more annotated ones are tinted orange, annotated nuclei that no prediction
+    covers by half are tinted blue, annotated outlines drawn yellow and predicted outlines green."""
+    predicted = predicted_nuclei(prob, threshold, postprocess)
+    pairs, merging, missed = nucleus_errors(predicted, sample.instances)
+    picture = sample.image.astype(np.float32) * 0.7
+    for region, colour in ((np.isin(pairs.found, merging), MERGED_COLOUR), (np.isin(pairs.real, missed),
+                                                                             MISSED_COLOUR)):
+        picture[region] = 0.5 * picture[region] + 0.5 * colour
+    picture[find_boundaries(pairs.real, mode="inner")] = TRUE_OUTLINE
+    picture[find_boundaries(pairs.found, mode="inner")] = PREDICTED_OUTLINE
+    return picture.round().astype(np.uint8)
+
+
+def nuclei_pictures(prob, sample, threshold, postprocess="none"):
+    """The extra picture evaluation saves per tile: {"nuclei": nuclei_errors_picture}."""
+    return {"nuclei": nuclei_errors_picture(prob, sample, threshold, postprocess)}
+
+
 NOTES = ("MoNuSeg nucleus scores per test tile against the rasterised outlines (where outlines overlap the smaller "
          "nucleus keeps the pixels): predicted nuclei are the 8-connected components of the thresholded "
-         f"prediction with holes filled and components under {MIN_NUCLEUS_AREA} px dropped"
-         + (", split by a seeded watershed" if SPLIT_TOUCHING else "") +
-         "; AJI (the challenge's Aggregated Jaccard Index), object F1 (a predicted nucleus covering at least half "
+         f"prediction with holes filled and components under {MIN_NUCLEUS_AREA} px dropped (with --postprocess "
+         "watershed: then cut apart along their necks by a seeded watershed); AJI (the challenge's Aggregated Jaccard Index), object F1 (a predicted nucleus covering at least half "
          "of the nucleus it overlaps most is a hit), object Dice and object Hausdorff distance (pixels) as GlaS "
          "defines them, and pixel Dice of nucleus vs background.")
 
-MONUSEG = Dataset(read_monuseg, num_classes=1, score=score_nuclei, notes=NOTES,
+MONUSEG = Dataset(read_monuseg, num_classes=1, score=score_nuclei, notes=NOTES, extra_pictures=nuclei_pictures,
+                  score_settings=("POSTPROCESS",), predicted_mask=nucleus_mask,
                   source="MoNuSeg 2018 (Multi-Organ Nucleus Segmentation challenge), "
                          "https://monuseg.grand-challenge.org/Data/")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 import data
 import evaluation
@@ -23,7 +24,9 @@ import tasks.glas
 import training
 from errors import UserError
 from tasks.glas import nuclei_from_probability, split_touching_nuclei
-from tasks.monuseg import outline_pixels, rasterise, read_outlines
+from tasks.monuseg import MERGED_COLOUR, MISSED_COLOUR, PREDICTED_OUTLINE, TRUE_OUTLINE, nuclei_errors_picture, \
+    nucleus_errors, nucleus_mask, outline_pixels, predicted_nuclei, rasterise, read_outlines
+from tasks.sample import Sample
 
 SHAPE = (80, 96)
 SCORE_NAMES = ["AJI", "object F1", "object Dice", "object Hausdorff", "pixel Dice"]
@@ -350,6 +353,54 @@ def test_score_of_a_read_tile_with_a_perfect_foreground(tmp_path):
     expected_dice = 0.5 * (284 / 686 * dice_m + 192 / 686 * 2 * 192 / (192 + 476) + 210 / 686
                            + 476 / 686 * dice_m + 210 / 686)
     assert row["object Dice"] == pytest.approx(expected_dice) and row["pixel Dice"] == 1.0
+
+
+def test_nucleus_errors_name_merges_and_misses():
+    """Annotated: A (rows 0-3, cols 0-3) touches B (rows 0-3, cols 4-7); C (rows 8-11) and D (rows 14-15) stand
+    alone. Predicted: one object over A and B (a merge), one covering 6 of C's 16 px (under half: C missed),
+    nothing on D (missed)."""
+    truth = np.zeros((16, 16), np.int64)
+    truth[0:4, 0:4], truth[0:4, 4:8], truth[8:12, 8:12], truth[14:16, 0:2] = 1, 2, 3, 4
+    predicted = np.zeros_like(truth)
+    predicted[0:4, 0:8] = 5
+    predicted[8:10, 8:11] = 9
+    _, merging, missed = nucleus_errors(predicted, truth)
+    assert merging.tolist() == [1] and missed.tolist() == [3, 4]
+    predicted[8:10, 8:12] = 9  # now exactly half of C: a hit
+    assert nucleus_errors(predicted, truth)[2].tolist() == [4]
+
+
+def test_nuclei_picture_tints_errors_and_draws_both_outlines():
+    truth = np.zeros((20, 20), np.int64)
+    truth[2:8, 2:8], truth[2:8, 8:14], truth[12:18, 12:18] = 1, 2, 3
+    sample = Sample("t", np.full((20, 20, 3), 100, np.uint8), (truth > 0).astype(np.int64), instances=truth)
+    prob = torch.zeros(1, 20, 20)
+    prob[0, 2:8, 2:14] = 0.9  # A and B as one nucleus; C not found
+    picture = nuclei_errors_picture(prob, sample, 0.5)
+    assert picture.shape == (20, 20, 3) and picture.dtype == np.uint8
+    dimmed = 100 * 0.7
+    assert picture[0, 0].tolist() == [70, 70, 70]
+    assert picture[4, 4].tolist() == np.round(0.5 * dimmed + 0.5 * MERGED_COLOUR).astype(int).tolist()
+    assert picture[14, 14].tolist() == np.round(0.5 * dimmed + 0.5 * MISSED_COLOUR).astype(int).tolist()
+    assert picture[12, 15].tolist() == TRUE_OUTLINE.astype(int).tolist()       # C's top row: annotated outline
+    assert picture[2, 5].tolist() == PREDICTED_OUTLINE.astype(int).tolist()    # drawn over the annotated one
+    assert picture[4, 7].tolist() == TRUE_OUTLINE.astype(int).tolist()         # A's side where it meets B
+
+
+def test_postprocess_watershed_cuts_touching_nuclei_in_scores_and_masks():
+    """Two 9x9 discs joined by a 1-px neck: one nucleus without post-processing, two with the watershed, and
+    the mask predict.py writes keeps them apart by a line."""
+    yy, xx = np.mgrid[:20, :40]
+    foreground = ((yy - 10) ** 2 + (xx - 10) ** 2 <= 36) | ((yy - 10) ** 2 + (xx - 24) ** 2 <= 36)
+    foreground[10, 10:25] = True
+    prob = torch.from_numpy(foreground.astype(np.float32))[None]
+    assert predicted_nuclei(prob, 0.5).max() == 1 and predicted_nuclei(prob, 0.5, "watershed").max() == 2
+    mask = nucleus_mask(prob, 0.5, "watershed")
+    assert mask.sum() < foreground.sum() and ndimage.label(mask)[1] == 2
+    assert np.array_equal(nucleus_mask(prob, 0.5), foreground)
+    with pytest.raises(UserError, match="--postprocess closing is for isbi2012's membranes; nuclei take none or "
+                                        "watershed"):
+        predicted_nuclei(prob, 0.5, "closing")
 
 
 # --- instances reach varCE ------------------------------------------------------------------------------
