@@ -168,7 +168,9 @@ class VarianceConstrainedCELoss(nn.Module):
     CE is BCE for K = 1 and softmax cross-entropy for K >= 2; p_k are the predicted probabilities (for K = 1 the
     two channels 1 - p and p, so the sum is 2 Var(p)); Var is the population variance over the pixels of
     instance i. Instances come from an instance label map (N, H, W) when given (0 = no instance), otherwise
-    from the target: the 8-connected components of each foreground class. An image without instances adds 0.
+    from the target: the 8-connected components of each foreground class. The pixels of one instance that the
+    target puts in different classes are separate instances here (an inside and its contour band), and those of
+    the background class are left out. An image without instances adds 0.
     """
 
     uses_instances = True  # the trainer passes a dataset's instance maps (framework.Trainer)
@@ -190,7 +192,17 @@ class VarianceConstrainedCELoss(nn.Module):
         elif tuple(instances.shape) != tuple(target.shape):
             raise ValueError(f"instances must have the target's shape {tuple(target.shape)}, "
                              f"got {tuple(instances.shape)}")
-        return cross_entropy + self.alpha * mean_instance_variance(probs, instances.to(probs.device))
+        groups = instance_class_groups(instances.to(target.device), target, classes)
+        return cross_entropy + self.alpha * mean_instance_variance(probs, groups.to(probs.device))
+
+
+def instance_class_groups(instances, target, classes):
+    """(N, H, W) ids of the pixel groups varCE asks to agree: one per instance and target class, so an object
+    labelled in parts (FullNet's nuclei: an inside and a contour band) has each part agree with itself, not the
+    parts with each other. Pixels of background class (0) in an instance, or of no instance, get 0."""
+    kinds = max(classes, 2)
+    return torch.where((instances > 0) & (target > 0), instances.long() * kinds + target.long(),
+                       torch.zeros_like(instances, dtype=torch.long))
 
 
 def connected_instances(target):

@@ -15,7 +15,7 @@ from tasks.em_cells import ISBI2012
 from tasks.folder import FOLDER
 from tasks.glas import GLAS
 from tasks.lung import LUNG
-from tasks.monuseg import MONUSEG
+from tasks.monuseg import MONUSEG, MONUSEG_CONTOUR
 from tasks.oct import OCT
 from tasks.optic_disc import MESSIDOR, ORIGA, RIMONE
 from tasks.sample import Dataset, Sample
@@ -34,6 +34,7 @@ DATASETS = {
     "oct": OCT,
     "glas": GLAS,
     "monuseg": MONUSEG,
+    "monuseg_contour": MONUSEG_CONTOUR,
     "folder": FOLDER,
 }
 

@@ -19,12 +19,15 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import numpy as np
-from skimage.segmentation import find_boundaries
+import torch
+from scipy import ndimage
+from skimage.segmentation import expand_labels, find_boundaries
 
 from errors import UserError
 from metrics import ObjectPairs, dice_coefficient, object_scores
 from tasks.files import files_by_stem, read_image
-from tasks.glas import MIN_NUCLEUS_AREA, nuclei_from_probability
+from tasks.glas import MIN_NUCLEUS_AREA, nuclei_from_probability, numbered_components, \
+    split_touching_nuclei
 from tasks.sample import Dataset, Sample
 
 TRAIN_IMAGES = Path("MoNuSeg 2018 Training Data") / "Tissue Images"
@@ -42,6 +45,15 @@ def read_monuseg(root, split, options):
     """The training tiles that have their outlines ("train"), or every test tile ("test")."""
     pairs = train_pairs(Path(root)) if split == "train" else test_pairs(Path(root))
     return [read_tile(name, image, annotation) for name, image, annotation in pairs]
+
+
+def read_monuseg_contour(root, split, options):
+    """read_monuseg with FullNet's three classes as the label: 0 background, 1 inside, 2 contour
+    (contour_labels); the instance map stays the whole nuclei, which scoring compares against."""
+    samples = read_monuseg(root, split, options)
+    for sample in samples:
+        sample.label = contour_labels(sample.instances)
+    return samples
 
 
 def layout_folder(root, relative, what):
@@ -155,6 +167,25 @@ def rasterise(outlines, shape):
     return numbered if values[0] == 0 else numbered + 1
 
 
+# Width (px) of the contour class, the band inside each nucleus along its outline. Touching nuclei are then
+# parted by two bands (4 px) of contour, and a predicted inside grown back by this width is the whole nucleus.
+CONTOUR_WIDTH = 2
+INSIDE, CONTOUR = 1, 2
+
+
+def contour_labels(instances, width=CONTOUR_WIDTH):
+    """(H, W) uint8 class map of an instance map: CONTOUR for the pixels of a nucleus within `width` steps
+    (4-connected) of a pixel that is not of the same nucleus, INSIDE for the rest of it, 0 for background. The
+    image edge is not an outline: a nucleus cut by it keeps its inside there."""
+    labels = (instances > 0).astype(np.uint8) * INSIDE
+    remaining = np.pad(instances, 1, mode="edge")
+    for _ in range(width):
+        band = find_boundaries(remaining, mode="inner") & (remaining > 0)
+        labels[band[1:-1, 1:-1]] = CONTOUR
+        remaining = np.where(band, 0, remaining)
+    return labels
+
+
 def paint_order(areas):
     """Indices largest area first; among equal areas file order, so the later one is painted over the earlier."""
     return np.lexsort((np.arange(len(areas)), -areas))
@@ -201,12 +232,28 @@ def row_crossings(x0, y0, x1, y1, rows):
 # --- scores ----------------------------------------------------------------------------------------
 
 def predicted_nuclei(prob, threshold, postprocess="none"):
-    """The (H, W) instance map scored for a (1, H, W) probability map: tasks.glas.nuclei_from_probability, with
-    touching nuclei cut apart when `postprocess` is "watershed"."""
+    """The (H, W) instance map scored for a probability map: of a (1, H, W) nucleus probability,
+    tasks.glas.nuclei_from_probability; of a (3, H, W) background / inside / contour one, nuclei_from_insides.
+    Touching nuclei are cut apart first when `postprocess` is "watershed"."""
     if postprocess not in NUCLEUS_POSTPROCESSINGS:
         raise UserError(f"--postprocess {postprocess} is for isbi2012's membranes; nuclei take "
                         f"{' or '.join(NUCLEUS_POSTPROCESSINGS)}")
-    return nuclei_from_probability(prob, threshold, split_touching=postprocess == "watershed")
+    split = postprocess == "watershed"
+    if len(prob) == 3:
+        return nuclei_from_insides(prob, split_touching=split)
+    return nuclei_from_probability(prob, threshold, split_touching=split)
+
+
+def nuclei_from_insides(prob, min_area=MIN_NUCLEUS_AREA, split_touching=False, width=CONTOUR_WIDTH):
+    """FullNet's post-processing of a three-class prediction: the pixels whose most likely class is INSIDE, holes
+    filled, 8-connected components under `min_area` px dropped, the rest numbered and each grown by `width` px
+    (Euclidean, never into a neighbour: skimage's expand_labels) to give back the contour band."""
+    classes = torch.as_tensor(prob).argmax(0).cpu().numpy()
+    insides = ndimage.binary_fill_holes(classes == INSIDE)
+    instances = numbered_components(insides, min_area)
+    if split_touching:
+        instances = split_touching_nuclei(instances > 0)
+    return expand_labels(instances, distance=width)
 
 
 def nucleus_mask(prob, threshold, postprocess="none"):
@@ -284,7 +331,18 @@ NOTES = ("MoNuSeg nucleus scores per test tile against the rasterised outlines (
          "of the nucleus it overlaps most is a hit), object Dice and object Hausdorff distance (pixels) as GlaS "
          "defines them, and pixel Dice of nucleus vs background.")
 
+CONTOUR_NOTES = NOTES.replace(
+    "the 8-connected components of the thresholded prediction with holes filled and components under "
+    f"{MIN_NUCLEUS_AREA} px dropped",
+    f"the 8-connected components of the pixels most likely inside a nucleus (of background / inside / contour, the "
+    f"contour being a {CONTOUR_WIDTH}-px band inside each outline), holes filled, components under "
+    f"{MIN_NUCLEUS_AREA} px dropped, each grown back by {CONTOUR_WIDTH} px")
+
 MONUSEG = Dataset(read_monuseg, num_classes=1, score=score_nuclei, notes=NOTES, extra_pictures=nuclei_pictures,
                   score_settings=("POSTPROCESS",), predicted_mask=nucleus_mask,
                   source="MoNuSeg 2018 (Multi-Organ Nucleus Segmentation challenge), "
                          "https://monuseg.grand-challenge.org/Data/")
+
+MONUSEG_CONTOUR = Dataset(read_monuseg_contour, num_classes=3, score=score_nuclei, notes=CONTOUR_NOTES,
+                          extra_pictures=nuclei_pictures, score_settings=("POSTPROCESS",),
+                          source=MONUSEG.source)

@@ -25,7 +25,7 @@ import training
 from errors import UserError
 from tasks.glas import nuclei_from_probability, split_touching_nuclei
 from tasks.monuseg import MERGED_COLOUR, MISSED_COLOUR, PREDICTED_OUTLINE, TRUE_OUTLINE, nuclei_errors_picture, \
-    nucleus_errors, nucleus_mask, outline_pixels, predicted_nuclei, rasterise, read_outlines
+    contour_labels, nucleus_errors, nucleus_mask, outline_pixels, predicted_nuclei, rasterise, read_outlines
 from tasks.sample import Sample
 
 SHAPE = (80, 96)
@@ -478,9 +478,62 @@ def test_varce_on_fullnet_keeps_touching_nuclei_apart():
     assert abs(float(with_map) - float(merged)) > 1e-6
 
 
+# --- background / inside / contour (monuseg_contour) ---------------------------------------------------
+
+def two_touching_squares():
+    """10x10 squares 1 (rows 2-11, cols 2-11) and 2 (rows 2-11, cols 12-21) sharing an edge, in 16 x 26."""
+    instances = np.zeros((16, 26), np.int32)
+    instances[2:12, 2:12], instances[2:12, 12:22] = 1, 2
+    return instances
+
+
+def test_contour_labels_band_each_nucleus_inside_its_outline():
+    labels = contour_labels(two_touching_squares())
+    expected = np.zeros((16, 26), np.uint8)
+    expected[2:12, 2:22] = 2
+    expected[4:10, 4:10] = expected[4:10, 14:20] = 1  # each square less a 2-px band, also where they touch
+    assert np.array_equal(labels, expected)
+    at_edge = np.zeros((8, 8), np.int32)
+    at_edge[0:6, 0:6] = 1  # cut by the image's top and left edges: no contour there
+    edge_labels = contour_labels(at_edge)
+    assert edge_labels[0, 0] == 1 and edge_labels[0:4, 0:4].tolist() == [[1] * 4] * 4 and edge_labels[5, 5] == 2
+
+
+def test_a_perfect_three_class_prediction_gives_back_the_nuclei_less_their_corners():
+    """Insides 6x6 grown by 2 px (a disc): each 10x10 square less 3 pixels at each corner (at sqrt(5) and
+    sqrt(8) > 2 from its inside), 88 px, and the two stay apart. AJI = (88 + 88) / (100 + 100) = 0.88; object
+    F1 1; pixel Dice 2 * 176 / (176 + 200)."""
+    truth = two_touching_squares()
+    prob = F.one_hot(torch.from_numpy(contour_labels(truth)).long(), 3).permute(2, 0, 1).float()
+    found = predicted_nuclei(prob, 0.5)
+    assert np.unique(found).tolist() == [0, 1, 2] and (found > 0).sum() == 176
+    assert set(np.unique(truth[found == 1])) == {1} and set(np.unique(truth[found == 2])) == {2}
+    sample = Sample("t", np.zeros((16, 26, 3), np.uint8), contour_labels(truth), instances=truth)
+    row, _ = tasks.dataset("monuseg_contour").score(prob, sample, 0.5)
+    assert row["AJI"] == pytest.approx(0.88) and row["object F1"] == 1.0
+    assert row["pixel Dice"] == pytest.approx(2 * 176 / 376)
+
+
+def test_varce_asks_each_part_of_a_nucleus_to_agree_with_itself():
+    """A nucleus whose inside is predicted one constant and its contour band another: no variance within each
+    part, so varCE = CE; the same probabilities over the nucleus as one group would add their variance."""
+    truth = two_touching_squares()[None]
+    target = torch.from_numpy(contour_labels(truth[0])).long()[None]
+    logits = torch.zeros(1, 3, 16, 26)
+    logits[0, 1][target[0] == 1] = 3.0
+    logits[0, 2][target[0] == 2] = 1.0
+    instances = torch.from_numpy(truth).long()
+    varce = losses.build_loss("varce", 3)(logits, target, instances=instances)
+    assert float(varce) == pytest.approx(float(losses.build_loss("ce", 3)(logits, target)), abs=1e-6)
+    probs = torch.softmax(logits, 1)[0]
+    whole = sum(probs[:, truth[0] == k].var(dim=1, unbiased=False).sum() for k in (1, 2)) / 2
+    assert float(whole) > 0.01
+
+
 # --- main.py -> test.py ------------------------------------------------------------------------------------
 
-def test_monuseg_round_trip_with_fullnet_and_varce(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dataset", ["monuseg", "monuseg_contour"])
+def test_monuseg_round_trip_with_fullnet_and_varce(tmp_path, monkeypatch, dataset):
     root = fixtures.write_monuseg(tmp_path / "MoNuSeg")
     carried = []
 
@@ -494,7 +547,7 @@ def test_monuseg_round_trip_with_fullnet_and_varce(tmp_path, monkeypatch):
     # fp32: on CPUs with native bf16, AMP trains channels-last, where FullNet's backward now and then segfaults
     # (torch 2.14, whatever the loss); bf16 in NCHW and fp32 do not.
     run_dir = training.train(*main.parse_settings([
-        "--dataset", "monuseg", "--data-root", str(root), "--model", "fullnet", "--loss", "varce",
+        "--dataset", dataset, "--data-root", str(root), "--model", "fullnet", "--loss", "varce",
         "--patch-size", "64", "--epochs", "1", "--batch-size", "2", "--device", "cpu", "--pretrained", "none",
         "--visdom", "false", "--amp", "false", "--weights-dir", str(tmp_path / "weights"), "--run-name", "monuseg"]))
     assert carried and carried[0] is not None and carried[0].shape == (2, *SHAPE)
@@ -505,7 +558,7 @@ def test_monuseg_round_trip_with_fullnet_and_varce(tmp_path, monkeypatch):
     report = json.loads((out / "metrics.json").read_text())
     assert set(report["per_image"]) == set(fixtures.MONUSEG_TEST)
     assert list(report["summary"]) == SCORE_NAMES
-    assert report["protocol"]["evaluation"] == tasks.DATASETS["monuseg"].notes
+    assert report["protocol"]["evaluation"] == tasks.DATASETS[dataset].notes
     for name in ("AJI", "object F1", "object Dice", "pixel Dice"):
         mean = report["summary"][name]["mean"]
         assert mean is None or 0.0 <= mean <= 1.0, (name, mean)
