@@ -138,7 +138,8 @@ PREPROCESS_TITLES = {"clahe": "CLAHE", "authors": "authors' preprocessing"}
 AUGMENT_TITLES = {"paper": "paper's augmentation", "authors_code": "authors' augmentation", "flips": "flips only",
                   "elastic": "elastic augmentation", "camera": "camera augmentation", "none": "no augmentation"}
 DATASET_TITLES = {"drive": "DRIVE", "chase": "CHASE_DB1", "drishti": "Drishti-GS1", "isbi2012": "ISBI 2012",
-                  "monuseg": "MoNuSeg", "glas": "GlaS", "origa": "ORIGA", "messidor": "Messidor", "rimone": "RIM-ONE"}
+                  "monuseg": "MoNuSeg", "monuseg_contour": "MoNuSeg as inside / contour", "glas": "GlaS",
+                  "origa": "ORIGA", "messidor": "Messidor", "rimone": "RIM-ONE"}
 EVAL_SCALE_TITLES = {"1": "training scale", "auto": "FOV-matched scale", "field": "field-angle-matched scale"}
 SPLIT_TITLES = {"train": "training images", "all": "training and test images"}
 
@@ -249,8 +250,13 @@ def tta_of(run):
 def scored_alike(run):
     """Runs with equal keys were scored on the same images in the same way, so their per-image numbers pair."""
     protocol = run["protocol"]
-    return (protocol.get("dataset"), protocol.get("split", "test"), protocol.get("tta"), protocol.get("threshold"),
-            protocol.get("scoring", "ours"))
+    return (scored_dataset(protocol.get("dataset")), protocol.get("split", "test"), protocol.get("tta"),
+            protocol.get("threshold"), protocol.get("scoring", "ours"))
+
+
+def scored_dataset(name):
+    """The dataset whose test images and reference a run of dataset `name` was scored against."""
+    return (tasks.DATASETS[name].scores_like or name) if name in tasks.DATASETS else name
 
 
 def reference_pairs(runs):

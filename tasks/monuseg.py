@@ -345,4 +345,4 @@ MONUSEG = Dataset(read_monuseg, num_classes=1, score=score_nuclei, notes=NOTES, 
 
 MONUSEG_CONTOUR = Dataset(read_monuseg_contour, num_classes=3, score=score_nuclei, notes=CONTOUR_NOTES,
                           extra_pictures=nuclei_pictures, score_settings=("POSTPROCESS",),
-                          source=MONUSEG.source)
+                          source=MONUSEG.source, scores_like="monuseg")

@@ -54,6 +54,9 @@ class Dataset:
     # POSTPROCESS): predicted_mask(prob (1, H, W) tensor, threshold, **score settings) -> (H, W) bool. predict.py
     # writes this mask, so it matches what test.py scores. None: probability above the threshold.
     predicted_mask: Optional[Callable] = None
+    # Another dataset whose test images and reference this one scores in the same way, only with other training
+    # labels (monuseg_contour: monuseg), so compare.py pairs their runs image by image. "": none.
+    scores_like: str = ""
     # The paper's figures for this dataset, where it reports some, for results tables to print beside ours:
     # {"source": where and in which setting they were measured, "figures": {model: {metric: value}}}.
     paper: Optional[dict] = None

@@ -244,6 +244,9 @@ def test_runs_are_paired_only_with_a_run_scored_the_same_way():
         return {"protocol": {"tta": tta, "threshold": threshold, "dataset": dataset}}
     runs = [run(True), run(True), run(False), run(True), run(False), run(True, 0.4), run(True, dataset="chase")]
     assert comparison.reference_pairs(runs) == [(0, 1), (0, 3), (2, 4)]
+    # a three-class nuclei model is scored on MoNuSeg's own test tiles and nuclei: it pairs with a binary one
+    nuclei = [run(False, dataset="monuseg"), run(False, dataset="monuseg_contour"), run(False, dataset="glas")]
+    assert comparison.reference_pairs(nuclei) == [(0, 1)]
 
 
 def test_release_copy_is_float16_and_evaluates_like_the_original(tmp_path):
