@@ -324,17 +324,19 @@ def nuclei_pictures(prob, sample, threshold, postprocess="none"):
     return {"nuclei": nuclei_errors_picture(prob, sample, threshold, postprocess)}
 
 
-NOTES = ("MoNuSeg nucleus scores per test tile against the rasterised outlines (where outlines overlap the smaller "
-         "nucleus keeps the pixels): predicted nuclei are the 8-connected components of the thresholded "
-         f"prediction with holes filled and components under {MIN_NUCLEUS_AREA} px dropped (with --postprocess "
-         "watershed: then cut apart along their necks by a seeded watershed); AJI (the challenge's Aggregated Jaccard Index), object F1 (a predicted nucleus covering at least half "
-         "of the nucleus it overlaps most is a hit), object Dice and object Hausdorff distance (pixels) as GlaS "
-         "defines them, and pixel Dice of nucleus vs background.")
+def scoring_notes(predicted_nuclei_are):
+    return ("MoNuSeg nucleus scores per test tile against the rasterised outlines (where outlines overlap the "
+            f"smaller nucleus keeps the pixels): predicted nuclei are {predicted_nuclei_are} (with --postprocess "
+            "watershed: then cut apart along their necks by a seeded watershed); AJI (the challenge's Aggregated "
+            "Jaccard Index), object F1 (a predicted nucleus covering at least half of the nucleus it overlaps most "
+            "is a hit), object Dice and object Hausdorff distance (pixels) as GlaS defines them, and pixel Dice of "
+            "nucleus vs background.")
 
-CONTOUR_NOTES = NOTES.replace(
-    "the 8-connected components of the thresholded prediction with holes filled and components under "
-    f"{MIN_NUCLEUS_AREA} px dropped",
-    f"the 8-connected components of the pixels most likely inside a nucleus (of background / inside / contour, the "
+
+NOTES = scoring_notes("the 8-connected components of the thresholded prediction with holes filled and components "
+                      f"under {MIN_NUCLEUS_AREA} px dropped")
+CONTOUR_NOTES = scoring_notes(
+    "the 8-connected components of the pixels most likely inside a nucleus (of background / inside / contour, the "
     f"contour being a {CONTOUR_WIDTH}-px band inside each outline), holes filled, components under "
     f"{MIN_NUCLEUS_AREA} px dropped, each grown back by {CONTOUR_WIDTH} px")
 
