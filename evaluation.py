@@ -155,8 +155,11 @@ def score_options(settings, spec):
     clear error."""
     if settings.get("POSTPROCESS", "none") != "none" and "POSTPROCESS" not in spec.score_settings:
         readers = [name for name, entry in tasks.DATASETS.items() if "POSTPROCESS" in entry.score_settings]
-        raise UserError(f"--postprocess {settings['POSTPROCESS']} applies to the scoring of {' and '.join(readers)} "
+        raise UserError(f"--postprocess {settings['POSTPROCESS']} applies to the scoring of {', '.join(readers)} "
                         f"only, not {settings['DATASET']!r}; drop the flag")
+    if "POSTPROCESS" in spec.score_settings and settings["POSTPROCESS"] not in spec.postprocessings:
+        raise UserError(f"--postprocess {settings['POSTPROCESS']} is not one for {settings['DATASET']!r}; choose "
+                        f"{' or '.join(spec.postprocessings)}")
     return {name.lower(): settings[name] for name in spec.score_settings}
 
 

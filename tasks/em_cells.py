@@ -199,5 +199,6 @@ PAPER = {"source": "paper Table IV: the challenge's hidden test labels, ImageNet
 
 ISBI2012 = Dataset(read_isbi2012, num_classes=1, score=score_cells, notes=NOTES, paper=PAPER,
                    source="the ISBI 2012 EM challenge, http://brainiac2.mit.edu/isbi_challenge/",
-                   score_settings=("POSTPROCESS", "WATERSHED_SEED"), extra_pictures=cell_pictures,
+                   score_settings=("POSTPROCESS", "WATERSHED_SEED"), postprocessings=tuple(POSTPROCESSINGS),
+                   extra_pictures=cell_pictures,
                    predicted_mask=membrane_map)

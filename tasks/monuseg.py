@@ -341,10 +341,11 @@ CONTOUR_NOTES = scoring_notes(
     f"{MIN_NUCLEUS_AREA} px dropped, each grown back by {CONTOUR_WIDTH} px")
 
 MONUSEG = Dataset(read_monuseg, num_classes=1, score=score_nuclei, notes=NOTES, extra_pictures=nuclei_pictures,
-                  score_settings=("POSTPROCESS",), predicted_mask=nucleus_mask,
+                  score_settings=("POSTPROCESS",), postprocessings=NUCLEUS_POSTPROCESSINGS,
+                  predicted_mask=nucleus_mask,
                   source="MoNuSeg 2018 (Multi-Organ Nucleus Segmentation challenge), "
                          "https://monuseg.grand-challenge.org/Data/")
 
 MONUSEG_CONTOUR = Dataset(read_monuseg_contour, num_classes=3, score=score_nuclei, notes=CONTOUR_NOTES,
                           extra_pictures=nuclei_pictures, score_settings=("POSTPROCESS",),
-                          source=MONUSEG.source, scores_like="monuseg")
+                          postprocessings=NUCLEUS_POSTPROCESSINGS, source=MONUSEG.source, scores_like="monuseg")

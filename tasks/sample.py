@@ -47,6 +47,9 @@ class Dataset:
     # postprocess=...); evaluation passes them and records them in metrics.json. A dataset without one refuses
     # such a setting given on the command line.
     score_settings: tuple = ()
+    # The POSTPROCESS values this dataset's scoring knows (with "POSTPROCESS" in score_settings), checked before
+    # anything is predicted.
+    postprocessings: tuple = ("none",)
     # Pictures beyond probability / mask / overlay that evaluation saves per image as <name>_<key>.png:
     # extra_pictures(prob (K, H, W) tensor, sample, threshold, **score settings) -> {key: (H, W, 3) uint8}.
     extra_pictures: Optional[Callable] = None

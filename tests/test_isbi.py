@@ -272,10 +272,15 @@ def test_the_row_keeps_its_keys_first_and_adds_the_leaderboard_maximum():
 
 def test_postprocess_is_refused_where_no_scoring_reads_it():
     settings = main.parse_settings(["--postprocess", "watershed"])[0]
-    with pytest.raises(UserError, match="applies to the scoring of isbi2012 and monuseg only"):
+    with pytest.raises(UserError, match="applies to the scoring of isbi2012, monuseg, monuseg_contour only"):
         evaluation.score_options(settings, tasks.dataset("drive"))
     assert evaluation.score_options({**settings, "DATASET": "isbi2012"}, tasks.dataset("isbi2012")) == \
         {"postprocess": "watershed", "watershed_seed": 0.2}
+    closing = {**settings, "POSTPROCESS": "closing", "DATASET": "monuseg"}
+    with pytest.raises(UserError, match="--postprocess closing is not one for 'monuseg'; choose none or watershed"):
+        evaluation.score_options(closing, tasks.dataset("monuseg"))
+    assert evaluation.score_options({**closing, "DATASET": "isbi2012"}, tasks.dataset("isbi2012"))["postprocess"] \
+        == "closing"
 
 
 def test_thinning_keeps_membranes_reaching_the_border():

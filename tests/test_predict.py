@@ -386,5 +386,5 @@ def test_postprocess_is_refused_for_a_model_of_another_dataset(resized, tmp_path
     assert run(tmp_path / "a.png", "-o", tmp_path / "out", "--checkpoint", resized, "--postprocess", "watershed",
                *CPU) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("error: --postprocess watershed applies to the scoring of isbi2012 and monuseg only")
+    assert line.startswith("error: --postprocess watershed applies to the scoring of isbi2012, monuseg, monuseg_contour only")
     assert not (tmp_path / "out").exists()
