@@ -7,8 +7,8 @@
     torchrun --nproc_per_node=4 main.py ...         # several GPUs, same checkpoint format
 
 Writes weights/<run>/final.pth (plus settings.json, train_log.csv and training_curve.png) and never
-replaces an earlier run. Every CHECKPOINT_EVERY steps, and when stopped with Ctrl-C or SIGTERM, the run
-so far is saved to weights/<run>/last.pth.
+replaces an earlier run. Every CHECKPOINT_EVERY steps (at least CHECKPOINT_MIN_SECONDS apart), and when
+stopped with Ctrl-C or SIGTERM, the run so far is saved to weights/<run>/last.pth.
 """
 import argparse
 

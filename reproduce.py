@@ -61,12 +61,12 @@ BATCH_DEFAULTS = {"VISDOM": False}
 # recorded run and a new one without making the recorded numbers stale.
 PER_RUN_KEYS = {"MODEL", "SEED", "RUN_NAME", "RESUME"}
 MACHINE_KEYS = {"DEVICE", "AMP", "CHANNELS_LAST", "COMPILE", "DATA_ROOT", "WEIGHTS_DIR", "RESULTS_DIR",
-                "VISDOM", "VISDOM_SERVER", "VISDOM_PORT", "LOG_EVERY"}
+                "VISDOM", "VISDOM_SERVER", "VISDOM_PORT", "LOG_EVERY", "CHECKPOINT_EVERY", "CHECKPOINT_MIN_SECONDS"}
 
-# Planning numbers for the printed estimate, not measurements: ~1000 training images/s for CE-Net at
-# 448 px on one H100 (bf16), scaling with pixel count, plus ~15 s a run for start-up, TTA evaluation
-# and pictures. DRIVE has 20 training images.
-GPU_IMAGES_PER_SECOND_AT_448 = 1000
+# For the printed estimate: CE-Net trains ~225 images/s at 448 px, batch 8, bf16 + channels-last on one
+# H200 (benchmark.py, torch 2.11), scaling with pixel count; plus ~15 s a run for start-up, warm-up and the
+# TTA evaluation (6 + 5 s measured there) and pictures. DRIVE has 20 training images.
+GPU_IMAGES_PER_SECOND_AT_448 = 225
 RUN_OVERHEAD_SECONDS = 15
 TRAIN_IMAGES = {"drive": 20}
 
@@ -278,8 +278,9 @@ def main(argv=None):
     estimate = sum(estimate_seconds(settings, TABLES[table]["dataset"]) for recipe, model, seed, settings in runs
                    if (recipe, model, seed) in todo)
     say(f"plan: {len(runs)} runs ({len(recipes)} recipes x {len(models)} models x seeds), {len(todo)} to run, "
-        f"{len(runs) - len(todo)} already in {json_path}; rough H100 estimate for those to run: {duration(estimate)} "
-        f"(assumes ~{GPU_IMAGES_PER_SECOND_AT_448} img/s at 448 px + {RUN_OVERHEAD_SECONDS}s a run; not measured)")
+        f"{len(runs) - len(todo)} already in {json_path}; rough estimate on one H200 for those to run: "
+        f"{duration(estimate)} ({GPU_IMAGES_PER_SECOND_AT_448} img/s at 448 px as measured there, "
+        f"+ {RUN_OVERHEAD_SECONDS}s a run)")
     if args.dry_run:
         for index, (recipe, model, seed, settings) in enumerate(runs, 1):
             state = "to run" if (recipe, model, seed) in todo else "recorded"

@@ -5,6 +5,7 @@ checkpoint, settings.json, train_log.csv and the training curve. Nothing an earl
 import datetime
 import signal
 import sys
+import time
 
 import data
 import devices
@@ -81,7 +82,8 @@ def describe_input(settings, count):
 
 
 # What the command line may set anew for a resumed run: where and how it is watched, never what it computes.
-RESUMABLE_CHANGES = ("DEVICE", "VISDOM", "VISDOM_SERVER", "VISDOM_PORT", "LOG_EVERY", "CHECKPOINT_EVERY")
+RESUMABLE_CHANGES = ("DEVICE", "VISDOM", "VISDOM_SERVER", "VISDOM_PORT", "LOG_EVERY", "CHECKPOINT_EVERY",
+                     "CHECKPOINT_MIN_SECONDS")
 
 
 class StopSignals:
@@ -125,8 +127,9 @@ def train(settings, given=frozenset()):
     """Train with `settings` (every constant, resolved; `given`: the names the command line set); returns the
     run folder (rank 0) or None.
 
-    Every CHECKPOINT_EVERY steps, and when stopped by Ctrl-C or SIGTERM, the run so far goes to
-    <run>/last.pth; `--resume <run>/last.pth` continues it bit for bit (same weights as an uninterrupted run)."""
+    Every CHECKPOINT_EVERY steps (at least CHECKPOINT_MIN_SECONDS apart), and when stopped by Ctrl-C or
+    SIGTERM, the run so far goes to <run>/last.pth; `--resume <run>/last.pth` continues it bit for bit (same
+    weights as an uninterrupted run)."""
     settings, resume = resumed_settings(settings, given)
     device = devices.select_device(settings["DEVICE"])
     rank, world_size = devices.distributed_context(device)
@@ -172,6 +175,7 @@ def train(settings, given=frozenset()):
     earlier_seconds = resume.get("train_seconds", 0.0) if resume else 0.0
     log_every, checkpoint_every = settings["LOG_EVERY"], settings["CHECKPOINT_EVERY"]
     start = devices.timed(device)
+    last_saved = time.monotonic()
     progress = progress_bar(trainer.total_steps, rank, initial=trainer.step_count)
     sample_every = max(1, log_every * 10)
 
@@ -201,8 +205,10 @@ def train(settings, given=frozenset()):
                 print(f"stopped at step {step} of {trainer.total_steps}; saved {path}; continue with: "
                       f"python main.py --resume {path}", file=sys.stderr)
                 raise SystemExit(128 + stop.received)
-            if rank == 0 and checkpoint_every and step % checkpoint_every == 0 and step < trainer.total_steps:
+            if (rank == 0 and checkpoint_every and step % checkpoint_every == 0 and step < trainer.total_steps
+                    and time.monotonic() - last_saved >= settings["CHECKPOINT_MIN_SECONDS"]):
                 save_point()
+                last_saved = time.monotonic()
     progress.close()
     seconds = earlier_seconds + devices.timed(device) - start  # waits for the GPU to finish the last steps
     visdom.close()

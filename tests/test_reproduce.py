@@ -168,7 +168,7 @@ def test_bad_input_is_a_user_error(args, pattern, tmp_path):
 def test_dry_run_plans_the_full_table_without_running(tmp_path):
     printed = run_reproduce(["--dry-run", "--out", tmp_path])
     # 2 recipes x (6 ablation models x 3 seeds + cenet and unet x 5 seeds)
-    assert "plan: 56 runs" in printed and "H100 estimate" in printed
+    assert "plan: 56 runs" in printed and "estimate on one H200" in printed
     assert printed.count("faithful/cenet seed") == 5 and printed.count("faithful/backbone_rmp seed") == 3
     assert "hires/unet seed 4: 576px images, 1000 epochs" in printed
     assert not list(tmp_path.iterdir())
@@ -264,7 +264,7 @@ def test_a_run_stopped_part_way_continues_from_its_resume_point(small_drive, tmp
     def toy(where):
         return ["--models", "backbone", "--recipes", "faithful", "--seeds", "1", "--image-size", "64",
                 "--batch-size", "2", "--epochs", "2", "--pretrained", "none", "--device", "cpu",
-                "--checkpoint-every", "1", "--data-root", small_drive, "--weights-dir", where / "weights",
+                "--checkpoint-every", "1", "--checkpoint-min-seconds", "0", "--data-root", small_drive, "--weights-dir", where / "weights",
                 "--out", where / "results"]
 
     original_step = framework.Trainer.step

@@ -49,6 +49,22 @@ def test_a_stopped_run_resumes_to_the_same_weights_as_an_uninterrupted_one(small
     assert (resumed / "train_log.csv").read_text() == (straight / "train_log.csv").read_text()
 
 
+@pytest.mark.parametrize("min_seconds, saved_at", [("0", [3, 6, 9]), ("3600", [])])
+def test_resume_points_come_every_checkpoint_every_steps_but_no_closer_than_the_minimum_time(
+        small_drive, tmp_path, monkeypatch, min_seconds, saved_at):
+    steps = []
+    real_save = framework.save_resume_point
+
+    def recording_save(path, trainer, *args, **kwargs):
+        steps.append(trainer.step_count)
+        return real_save(path, trainer, *args, **kwargs)
+
+    monkeypatch.setattr(framework, "save_resume_point", recording_save)
+    training.train(*settings(small_drive, tmp_path, "run", "--checkpoint-every", "3",
+                             "--checkpoint-min-seconds", min_seconds))
+    assert steps == saved_at  # none at the last step: final.pth holds it
+
+
 def test_resume_refuses_a_file_that_is_not_a_resume_point(tmp_path):
     path = tmp_path / "final.pth"
     torch.save({"format": framework.CHECKPOINT_FORMAT, "state_dict": {}}, path)
