@@ -11,6 +11,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 import data
 import devices
 import fov
@@ -257,6 +259,39 @@ def predict_at_scales(model, samples, device, settings, fmt, scales, restore_siz
     return probs
 
 
+# Thresholds at which the dataset's F1 is scanned for the best one: 0.01 steps, plus the one in use.
+THRESHOLD_GRID = [step / 100 for step in range(1, 100)]
+
+
+def threshold_scan(spec, samples, probs, threshold):
+    """Where the dataset's F1 (Dataset.f1_by_threshold), averaged over these images as the summary averages
+    it, is highest among THRESHOLD_GRID and `threshold`: {"metric", "best_threshold", "best", "threshold",
+    "at_threshold"}; None for a dataset without such an F1 or a multi-class model."""
+    if spec.f1_by_threshold is None or probs[0].shape[0] != 1:
+        return None
+    grid = sorted(set(THRESHOLD_GRID) | {threshold})
+    per_image = []
+    for sample, prob in zip(samples, probs):
+        key, values = spec.f1_by_threshold(prob, sample, grid)
+        per_image.append(values)
+    means = torch.nanmean(torch.stack(per_image), dim=0)
+    if bool(means.isnan().all()):
+        return None
+    best = int(torch.nan_to_num(means, nan=-1.0).argmax())
+    return {"metric": key, "best_threshold": grid[best], "best": float(means[best]), "threshold": threshold,
+            "at_threshold": float(means[grid.index(threshold)])}
+
+
+def threshold_advice(scan, count, split):
+    """One line on the best threshold: to use, when found on training images; a caution, when found on test ones."""
+    found = (f"{scan['metric']} over these {count} {split} images is highest at threshold {scan['best_threshold']:g} "
+             f"({scan['best']:.4f}; {scan['at_threshold']:.4f} at {scan['threshold']:g})")
+    if split == "train":
+        return f"{found}: pass --threshold {scan['best_threshold']:g} to score test images with it"
+    return (f"{found}; a threshold chosen on the images it scores flatters them: choose it on training images "
+            f"(--split train)")
+
+
 def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
     """Predict, score and save; returns (summary dict, output folder, seconds after the model is loaded)."""
     model, settings, payload = load_model(checkpoint, settings, given)
@@ -304,6 +339,10 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
         print(f"warning: the test labels of {', '.join(unlabelled)} have no foreground, so their AUC, Sen and F1 "
               f"are undefined: null in metrics.json and left out of the means", file=sys.stderr)
 
+    scan = None if as_authors else threshold_scan(spec, samples, probs, settings["THRESHOLD"])
+    if scan:
+        print(threshold_advice(scan, len(samples), split), file=sys.stderr)
+
     names = [sample.name for sample in samples]
     save_pictures(samples, probs, curves, out, settings["THRESHOLD"],
                   f"{settings['MODEL']} on {settings['DATASET']} {split} (inside FOV)",
@@ -326,12 +365,13 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
         "evaluation": spec.authors_notes if as_authors else spec.notes, "empty_predictions": empty, "labels_without_foreground": unlabelled,
     }
     report.write_json(out / "metrics.json", {
-        "protocol": protocol, "summary": summary, "per_image": dict(zip(names, rows)),
+        "protocol": protocol, "summary": summary, "per_image": dict(zip(names, rows)), "threshold_scan": scan,
         "seconds": {"predict_and_score": round(predict_seconds, 3), "total_after_load": round(total_seconds, 3)},
     })
     report.write_text(out / "metrics.md", f"# {settings['MODEL']} on {settings['DATASET']} {split}\n\n"
                                           f"{protocol['evaluation']}\n\n"
                                           + "".join(f"{name.replace('_', ' ').capitalize()}: {value}\n\n"
                                                     for name, value in options.items() if not as_authors)
+                                          + (threshold_advice(scan, len(samples), split) + ".\n\n" if scan else "")
                                           + per_image_table(rows, summary, names))
     return summary, out, total_seconds

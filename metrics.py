@@ -1,6 +1,7 @@
 """Evaluation metrics of the CE-Net experiments, vectorised (no per-pixel Python loops).
 
-* Vessel / binary segmentation (DRIVE): ``roc_curve``, ``roc_auc``, ``binary_metrics``.
+* Vessel / binary segmentation (DRIVE): ``roc_curve``, ``roc_auc``, ``binary_metrics``; ``f1_by_threshold``
+  for choosing a threshold.
 * Optic disc / lung: ``overlap_error``, ``dice_coefficient``.
 * ISBI 2012 EM membranes: ``rand_info_scores`` (V^Rand and V^Info).
 * Retinal OCT layers: ``boundary_positions``, ``boundary_mae``.
@@ -135,6 +136,33 @@ def threshold_metrics(prob, label, mask=None, threshold=0.5):
     An undefined ratio (zero denominator) is NaN. Returns Python floats keyed "Acc", "Sen", "Spe", "F1".
     """
     return _counted_metrics(*_evaluated_pixels(prob, label, mask), threshold)
+
+
+def f1_by_threshold(prob, label, mask=None, thresholds=None):
+    """F1 of ``prob > t`` for each t of `thresholds` (default 0.01, 0.02, ..., 0.99), exactly as
+    ``threshold_metrics`` counts it at each one, from one pass over the pixels: a pixel is predicted
+    foreground at the thresholds below its probability, so with b(p) = #{t < p},
+
+        TP(t_j) = #{foreground pixels with b(p) > j},   FP(t_j) likewise over background pixels,
+        F1(t_j) = 2 TP / (2 TP + FP + FN) = 2 TP / (TP + FP + P),   P = #foreground pixels.
+
+    Returns a float64 tensor of F1 per threshold (NaN where no pixel is foreground in either), on the CPU."""
+    prob, label = _evaluated_pixels(prob, label, mask)
+    if thresholds is None:
+        thresholds = torch.arange(1, 100, dtype=torch.float64) / 100
+    thresholds = torch.as_tensor(thresholds, dtype=prob.dtype, device=prob.device)
+    if thresholds.ndim != 1 or not bool((thresholds[1:] > thresholds[:-1]).all()):
+        raise ValueError("thresholds must be a 1-D increasing sequence")
+    below = torch.bucketize(prob, thresholds)  # = #{t < p}
+    bins = thresholds.numel() + 1
+    positive = torch.bincount(below[label], minlength=bins).double()
+    negative = torch.bincount(below[~label], minlength=bins).double()
+    # Pixels predicted foreground at threshold j: those with b(p) >= j + 1.
+    true_positive = positive.flip(0).cumsum(0).flip(0)[1:]
+    false_positive = negative.flip(0).cumsum(0).flip(0)[1:]
+    denominator = true_positive + false_positive + positive.sum()
+    return torch.where(denominator > 0, 2 * true_positive / denominator.clamp(min=1),
+                       torch.full_like(denominator, math.nan)).cpu()
 
 
 def _evaluated_pixels(prob, label, mask):

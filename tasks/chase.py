@@ -10,7 +10,7 @@ import numpy as np
 import fov
 from errors import UserError
 from metrics import threshold_metrics
-from tasks.drive import score_vessels
+from tasks.drive import f1_by_threshold_in_fov, score_vessels
 from tasks.files import check_same_size, read_image, read_mask, require_dir
 from tasks.sample import Dataset, Sample
 
@@ -84,5 +84,6 @@ NOTES = ("CHASE_DB1: metrics at the original resolution (999 x 960) against the 
          "same FOV: the human baseline.")
 
 CHASE = Dataset(read_chase, num_classes=1, score=score_chase, notes=NOTES, family="fundus vessels",
+                f1_by_threshold=f1_by_threshold_in_fov,
                 fov_diameter=CHASE_FOV_DIAMETER, field_degrees=30,
                 source="CHASE_DB1, https://blogs.kingston.ac.uk/retinal/chasedb1/ (free download)")

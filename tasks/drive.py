@@ -8,7 +8,8 @@ import data
 import fov
 from errors import UserError
 
-from metrics import as_device_tensor, binary_metrics, binary_metrics_and_roc, roc_auc, thin_curve, threshold_metrics
+from metrics import (as_device_tensor, binary_metrics, binary_metrics_and_roc, f1_by_threshold, roc_auc, thin_curve,
+                     threshold_metrics)
 from tasks.files import check_same_size, read_image, read_mask, require_dir
 from tasks.sample import Dataset, Sample
 
@@ -18,13 +19,17 @@ def read_drive(root, split, options):
 
     Image `21_training.tif` pairs with `1st_manual/21_manual1.gif`; test image `01_test.tif` with
     `1st_manual/01_manual1.gif` and the field-of-view mask `mask/01_test_mask.gif`. The test split is
-    scored against the first annotator, as in the paper.
+    scored against the first annotator, as in the paper. Training masks (`training/mask/21_training_mask.gif`)
+    are read when that folder is there; without them (some copies leave them out) scoring the training images
+    (--split train) estimates each one's field of view from the image.
     """
     split = {"train": "training", "test": "test"}[split]
     folder = require_dir(Path(root) / split, f"DRIVE {split}")
     image_dir = require_dir(folder / "images", f"DRIVE {split} images")
     label_dir = require_dir(folder / "1st_manual", f"DRIVE {split} labels")
-    mask_dir = require_dir(folder / "mask", "DRIVE test field-of-view mask") if split == "test" else None
+    mask_dir = folder / "mask"
+    if split == "test":
+        require_dir(mask_dir, "DRIVE test field-of-view mask")
     # Hidden files (macOS "._01_test.tif" resource forks) are not images.
     image_paths = sorted(path for path in image_dir.glob(f"*_{split}.tif") if not path.name.startswith("."))
     if not image_paths:
@@ -37,16 +42,29 @@ def read_drive(root, split, options):
             raise UserError(f"label {label_path} missing for image {image_path}")
         image, label = read_image(image_path), read_mask(label_path)
         check_same_size(image, label, image_path, label_path)
-        fov = None
-        if mask_dir is not None:
-            mask_path = mask_dir / f"{number}_test_mask.gif"
+        field = None  # scoring estimates it when there is no mask (score_vessels)
+        if mask_dir.is_dir():
+            mask_path = mask_dir / f"{number}_{split}_mask.gif"
             if not mask_path.is_file():
                 raise UserError(f"field-of-view mask {mask_path} missing for image {image_path}")
-            fov = read_mask(mask_path)
-            check_same_size(image, fov, image_path, mask_path)
-        samples.append(Sample(number, image, label.astype(np.uint8), fov))
+            field = read_mask(mask_path)
+            check_same_size(image, field, image_path, mask_path)
+        samples.append(Sample(number, image, label.astype(np.uint8), field))
     return samples
 
+
+
+def field_of_view(sample, device):
+    """The sample's FOV mask, or one estimated from its image (DRIVE training images without training/mask)."""
+    field = sample.fov if sample.fov is not None else fov.estimate_fov(sample.image)
+    return as_device_tensor(field, device)
+
+
+def f1_by_threshold_in_fov(prob, sample, thresholds):
+    """score_vessels' FOV F1 at each of `thresholds` (Dataset.f1_by_threshold)."""
+    foreground = prob[0].float()
+    label = as_device_tensor(sample.label > 0, foreground.device)
+    return "FOV F1", f1_by_threshold(foreground, label, field_of_view(sample, foreground.device), thresholds)
 
 
 def score_vessels(prob, sample, threshold):
@@ -57,10 +75,9 @@ def score_vessels(prob, sample, threshold):
     """
     foreground = prob[0].float()
     label = as_device_tensor(sample.label > 0, foreground.device)
-    fov = (as_device_tensor(sample.fov, foreground.device) if sample.fov is not None
-           else torch.ones_like(label))
     row = {f"whole {key}": value for key, value in binary_metrics(foreground, label, None, threshold).items()}
-    inside, (fpr, tpr) = binary_metrics_and_roc(foreground, label, fov, threshold)
+    inside, (fpr, tpr) = binary_metrics_and_roc(foreground, label, field_of_view(sample, foreground.device),
+                                                threshold)
     row.update({f"FOV {key}": value for key, value in inside.items()})
     return row, (*thin_curve(fpr, tpr), row["FOV AUC"])
 
@@ -97,7 +114,9 @@ def score_vessels_as_authors(prob, sample, threshold):
     return row, prob_native
 
 
-NOTES = ("Metrics at the original resolution against the 1st annotator, probability threshold for Acc/Sen/Spe/F1 as stated; 'whole' counts every pixel, 'FOV' only pixels inside the field-of-view mask (the field's standard).")
+NOTES = ("Metrics at the original resolution against the 1st annotator, probability threshold for Acc/Sen/Spe/F1 as "
+         "stated; 'whole' counts every pixel, 'FOV' only pixels inside the field-of-view mask (the field's standard; "
+         "for training images without training/mask, the FOV estimated from the image).")
 
 AUTHORS_NOTES = ("The authors' protocol (their test_cenet.py): whole image against the 1st annotator; 8-way TTA "
                  "averaged at the network's size; AUC of those probabilities resized to native size; Acc and Sen "
@@ -105,6 +124,6 @@ AUTHORS_NOTES = ("The authors' protocol (their test_cenet.py): whole image again
                  "(which thickens vessels).")
 
 DRIVE = Dataset(read_drive, num_classes=1, score=score_vessels, notes=NOTES, fov_diameter=fov.DRIVE_FOV_DIAMETER,
-                field_degrees=45,
+                field_degrees=45, f1_by_threshold=f1_by_threshold_in_fov,
                 authors_score=score_vessels_as_authors, authors_notes=AUTHORS_NOTES, family="fundus vessels",
                 source="DRIVE, https://drive.grand-challenge.org (registration required)")

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from errors import UserError
-from metrics import as_device_tensor, binary_metrics_and_roc, dice_coefficient, nanmean_rows, overlap_error, \
-    thin_curve
+from metrics import as_device_tensor, binary_metrics_and_roc, dice_coefficient, f1_by_threshold, nanmean_rows, \
+    overlap_error, thin_curve
 from tasks.files import IMAGE_SUFFIXES, MASK_SUFFIXES, check_same_size, files_by_stem, image_files, read_array, \
     read_mask
 from tasks.pictures import UnreadableImage, read_picture_pages
@@ -273,6 +273,15 @@ def score_binary(prob, sample, threshold):
     return row, curve
 
 
+def f1_by_threshold_in_region(prob, sample, thresholds):
+    """score_binary's F1 at each of `thresholds`, inside the image's mask when it has one (Dataset.f1_by_threshold)."""
+    foreground = prob[0].float()
+    label = as_device_tensor(sample.label > 0, foreground.device)
+    prefix, region = regions(sample)[-1]
+    where = None if region is None else as_device_tensor(region, foreground.device)
+    return prefix + "F1", f1_by_threshold(foreground, label, where, thresholds)
+
+
 def score_classes(prob, sample):
     """Dice and IoU of each foreground class 1..K-1 of the argmax class map, and their mean."""
     predicted = prob.argmax(0).cpu().numpy()
@@ -303,4 +312,5 @@ NOTES = ("Your own data (--dataset folder, docs/folder_dataset.md), at each imag
          "(null, left out of the means).")
 
 FOLDER = Dataset(read_folder, num_classes=0, score=score_folder, notes=NOTES, label_values=announce_classes,
+                 f1_by_threshold=f1_by_threshold_in_region,
                  source=f"your own images and labels, laid out as {LAYOUT}")

@@ -53,6 +53,10 @@ class Dataset:
     # Pictures beyond probability / mask / overlay that evaluation saves per image as <name>_<key>.png:
     # extra_pictures(prob (K, H, W) tensor, sample, threshold, **score settings) -> {key: (H, W, 3) uint8}.
     extra_pictures: Optional[Callable] = None
+    # Binary datasets whose headline F1 counts pixels above the threshold: that F1 at each of a grid of thresholds,
+    # f1_by_threshold(prob (1, H, W) tensor, sample, thresholds) -> (its key in score()'s row, 1-D tensor), so
+    # test.py can say which threshold serves these images best (to be chosen on training images, --split train).
+    f1_by_threshold: Optional[Callable] = None
     # Binary datasets whose predicted mask is more than probability above the threshold (isbi2012's
     # POSTPROCESS): predicted_mask(prob (1, H, W) tensor, threshold, **score settings) -> (H, W) bool. predict.py
     # writes this mask, so it matches what test.py scores. None: probability above the threshold.

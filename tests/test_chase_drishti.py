@@ -292,6 +292,10 @@ def test_drive_model_scored_on_chase_without_retraining(tmp_path, monkeypatch):
     assert set(report["per_image"]) == set(chase.TEST_IMAGES) and report["protocol"]["scales"]["11L"] == 1.0
     assert 0 <= summary["FOV F1"]["mean"] <= 1 and "2nd annotator FOV F1" in summary
     assert report["protocol"]["evaluation"] == chase.NOTES
+    scan = report["threshold_scan"]  # the best threshold for these images, and F1 at the one in use
+    assert scan["metric"] == "FOV F1" and scan["threshold"] == 0.5
+    assert scan["at_threshold"] == pytest.approx(summary["FOV F1"]["mean"])
+    assert scan["best"] >= scan["at_threshold"] and 0 < scan["best_threshold"] < 1
     # --eval-scale auto, with DRIVE's FOV diameter set to about twice the fixture's: probabilities come back
     # at the native 48 x 50.
     monkeypatch.setitem(tasks.DATASETS, "drive", dataclasses.replace(tasks.DATASETS["drive"], fov_diameter=90))

@@ -327,3 +327,39 @@ def test_hidden_resource_forks_are_not_images(small_drive, tmp_path):
     shutil.copytree(small_drive, root)
     (root / "training" / "images" / "._21_training.tif").write_bytes(b"\x00\x05\x16\x07 macOS metadata")
     assert [sample.name for sample in drive_split(root, "train")] == ["21", "22"]
+
+
+def test_training_masks_are_read_when_present_and_estimated_for_scoring_when_not(small_drive, tmp_path):
+    """The official DRIVE has training/mask/21_training_mask.gif; some copies leave it out. Scoring the
+    training images (--split train) counts FOV pixels inside the mask, else inside the estimated FOV."""
+    import shutil
+
+    import fov
+    import metrics
+    from tasks.drive import score_vessels
+    root = tmp_path / "DRIVE"
+    shutil.copytree(small_drive, root)
+    without = drive_split(root, "train")
+    assert all(sample.fov is None for sample in without)
+
+    (root / "training" / "mask").mkdir()
+    drawn = np.zeros(without[0].label.shape, bool)
+    drawn[100:400, 50:500] = True
+    for sample in without:
+        path = root / "training" / "mask" / f"{sample.name}_training_mask.gif"
+        Image.fromarray(drawn.astype(np.uint8) * 255).save(path)
+    with_masks = drive_split(root, "train")
+    assert all(np.array_equal(sample.fov, drawn) for sample in with_masks)
+
+    prob = torch.rand(1, *drawn.shape, generator=torch.Generator().manual_seed(0))
+    label = without[0].label > 0
+    row, _ = score_vessels(prob, without[0], 0.5)
+    estimated = fov.estimate_fov(without[0].image)
+    assert 0.5 < estimated.mean() < 0.9  # a real FOV, not the whole image
+    assert row["FOV F1"] == metrics.threshold_metrics(prob[0], label, estimated, 0.5)["F1"]
+    row, _ = score_vessels(prob, with_masks[0], 0.5)
+    assert row["FOV F1"] == metrics.threshold_metrics(prob[0], label, drawn, 0.5)["F1"]
+
+    (root / "training" / "mask" / "22_training_mask.gif").unlink()
+    with pytest.raises(UserError, match="22_training_mask.gif missing"):
+        drive_split(root, "train")

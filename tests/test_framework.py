@@ -182,3 +182,24 @@ def test_bad_device_names():
     with pytest.raises(UserError, match="not understood"):
         devices.select_device("tpu")
     assert devices.select_device("cpu").type == "cpu"
+
+
+def test_threshold_scan_finds_the_threshold_that_serves_these_images_best():
+    """Image a: vessels at 0.3, background at 0.1 -> F1 1 for 0.10 <= t < 0.30; image b: vessels at 0.25,
+    background at 0.2 -> F1 1 for 0.20 <= t < 0.25. Both are 1 only from 0.20 to 0.24: the scan picks 0.20.
+    At 0.5 nothing is predicted: F1 0 on both."""
+    import numpy as np
+
+    import tasks
+    from tasks.sample import Sample
+    label = np.zeros((4, 4), np.uint8)
+    label[:, :2] = 1
+    samples, probs = [], []
+    for name, vessel, background in (("a", 0.3, 0.1), ("b", 0.25, 0.2)):
+        samples.append(Sample(name, np.zeros((4, 4, 3), np.uint8), label, fov=np.ones((4, 4), bool)))
+        probs.append(torch.from_numpy(np.where(label > 0, vessel, background)).float()[None])
+    scan = evaluation.threshold_scan(tasks.dataset("drive"), samples, probs, 0.5)
+    assert scan == {"metric": "FOV F1", "best_threshold": 0.2, "best": 1.0, "threshold": 0.5, "at_threshold": 0.0}
+    assert "pass --threshold 0.2 to score test images" in evaluation.threshold_advice(scan, 2, "train")
+    assert "choose it on training images (--split train)" in evaluation.threshold_advice(scan, 2, "test")
+    assert evaluation.threshold_scan(tasks.dataset("lung"), samples, probs, 0.5) is None  # no pixel F1 there

@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from metrics import (binary_metrics, boundary_mae, boundary_positions, overlap_error,
-                     rand_info_scores, roc_auc, roc_curve, summarize)
+from metrics import (binary_metrics, boundary_mae, boundary_positions, f1_by_threshold, overlap_error,
+                     rand_info_scores, roc_auc, roc_curve, summarize, threshold_metrics)
 
 
 def picture(text):
@@ -130,6 +130,33 @@ def test_binary_metrics_threshold_and_undefined_ratios():
     empty = binary_metrics(PROB, torch.zeros(3, 3, dtype=torch.bool))
     assert math.isnan(empty["Sen"]) and math.isnan(empty["AUC"])
     assert empty["F1"] == 0.0 and empty["Spe"] == pytest.approx(5 / 9)
+
+
+def test_f1_by_threshold_hand_case():
+    # PROB / LABEL above: positives 0.9, 0.8, 0.7, 0.5, 0.4; negatives 0.6, 0.3, 0.2, 0.1.
+    # t = 0.5: TP 3 (0.9, 0.8, 0.7; 0.5 is not above 0.5), FP 1 (0.6), FN 2 -> F1 = 6 / 9.
+    # t = 0.6: the FP 0.6 is not above it -> 6 / 8.  t = 0.75: TP 2, FP 0, FN 3 -> 4 / 7.  t = 0.95: 0.
+    scores = f1_by_threshold(PROB, LABEL, thresholds=[0.5, 0.6, 0.75, 0.95])
+    assert scores.tolist() == pytest.approx([6 / 9, 6 / 8, 4 / 7, 0.0])
+
+
+def test_f1_by_threshold_matches_threshold_metrics_at_every_threshold():
+    generator = torch.Generator().manual_seed(3)
+    prob = torch.rand(40, 50, generator=generator).round(decimals=2)  # many pixels exactly on a threshold
+    label = torch.rand(40, 50, generator=generator) < 0.3
+    mask = torch.rand(40, 50, generator=generator) < 0.7
+    scores = f1_by_threshold(prob, label, mask)
+    assert scores.shape == (99,)
+    for index, threshold in enumerate(step / 100 for step in range(1, 100)):
+        assert scores[index].item() == pytest.approx(threshold_metrics(prob, label, mask, threshold)["F1"]), threshold
+
+
+def test_f1_by_threshold_without_foreground_and_bad_grids():
+    nothing = torch.zeros(3, 3, dtype=torch.bool)
+    scores = f1_by_threshold(PROB, nothing, thresholds=[0.5, 0.95])
+    assert scores[0].item() == 0.0 and math.isnan(scores[1].item())  # FP only; then nothing at all
+    with pytest.raises(ValueError, match="increasing"):
+        f1_by_threshold(PROB, LABEL, thresholds=[0.5, 0.4])
 
 
 def test_binary_metrics_accepts_numpy_and_checks_shapes():
