@@ -130,8 +130,10 @@ def measure(settings, args, device, rank, world_size, workdir, layout=None, peak
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     clock = devices.timed(device)
-    for _ in range(args.warmup):
+    for done in range(args.warmup):
         trainer.step()
+        if done == 0 and rank == 0:
+            announce_long_wait("training", devices.timed(device) - clock, args.warmup - 1 + args.steps, "steps")
     warmup_seconds = devices.timed(device) - clock
     clock = devices.timed(device)
     for _ in range(args.steps):
@@ -152,7 +154,13 @@ def measure(settings, args, device, rank, world_size, workdir, layout=None, peak
     fmt = devices.inference_memory_format(device, settings["CHANNELS_LAST"])
     infer = lambda: inference.predict(trainer.model, batch, device, tta=False, amp=settings["AMP"],
                                       fmt=fmt, images_per_batch=count)
-    for _ in range(max(1, args.warmup)):
+    clock = devices.timed(device)
+    infer()
+    first_batch_seconds = devices.timed(device) - clock
+    if rank == 0:
+        announce_long_wait(f"inference on batches of {count} whole {batch.shape[-2]}x{batch.shape[-1]} images",
+                           first_batch_seconds, max(0, args.warmup - 1) + args.steps, "batches")
+    for _ in range(max(0, args.warmup - 1)):
         infer()
     clock = devices.timed(device)
     for _ in range(args.steps):
@@ -182,6 +190,9 @@ def measure(settings, args, device, rank, world_size, workdir, layout=None, peak
             torch.cuda.empty_cache()
         test_count = len(tasks.load_split(settings["DATASET"], settings["DATA_ROOT"], "test",
                                           tasks.SplitOptions.from_settings(settings)))
+        views = 8 if settings["TTA"] else 1
+        announce_long_wait(f"evaluation of {test_count} test images x {views} view(s)", first_batch_seconds / count,
+                           test_count * views, "image views", skip="--no-eval skips it")
         clock = devices.timed(device)
         _, _, after_load = evaluation.evaluate(checkpoint, settings, out_dir=workdir / "evaluate")
         whole = devices.timed(device) - clock
@@ -191,6 +202,23 @@ def measure(settings, args, device, rank, world_size, workdir, layout=None, peak
     if world_size > 1:
         devices.dist.barrier()  # the other processes wait while rank 0 evaluates
     return figures
+
+
+# A phase projected to take longer than this is announced, so a slow model on large images is not taken for a
+# hang (FullNet on 1000-px MoNuSeg tiles: about two minutes a batch of four on a 2-core CPU).
+LONG_WAIT_SECONDS = 60
+
+
+def announce_long_wait(what, seconds_each, count, unit, skip="fewer --steps shorten it"):
+    """One line on stderr when `count` more `unit` of `seconds_each` will take more than LONG_WAIT_SECONDS."""
+    projected = seconds_each * count
+    if projected > LONG_WAIT_SECONDS:
+        print(f"benchmark: {what}: about {seconds_each:.1f} s each, so {count} more {unit} take about "
+              f"{duration_text(projected)} ({skip})", file=sys.stderr, flush=True)
+
+
+def duration_text(seconds):
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
 
 
 def compare_configurations(settings, batches, device, world_size):

@@ -24,6 +24,8 @@ from tasks.splits import fold_names
 
 LAYOUT = "ROOT/train/images and ROOT/train/labels (see docs/folder_dataset.md)"
 LOSSY_SUFFIXES = tuple(suffix for suffix in IMAGE_SUFFIXES if suffix not in MASK_SUFFIXES)
+# What may join an image's name to the ending its label's name adds (case1 -> case1_anno, "benign (1)_mask").
+NAME_SEPARATORS = "_-. "
 
 # More distinct values than this in the training labels is far more likely a grey picture (or a JPEG-smoothed
 # mask) saved as a label than that many classes; a real many-class set declares its count (FOLDER_CLASSES).
@@ -59,6 +61,45 @@ def annotation_files(folder, what):
             raise UserError(f"{what} {path} is a lossy {path.suffix} file, whose compression changes the values "
                             f"along every edge; save it losslessly as {folder / stem}.png")
     return found
+
+
+def image_named_before(stem, image_names):
+    """The longest image name that `stem` begins with, followed by a separator (``case1`` for ``case1_anno``,
+    not ``case1`` for ``case10``), or None."""
+    for end in range(len(stem) - 1, 0, -1):
+        if stem[end] in NAME_SEPARATORS and stem[:end] in image_names:
+            return stem[:end]
+    return None
+
+
+def paired_by_image(files, images, folder, what, announce=True):
+    """{image name: path} of the annotation files of `folder` ({stem: path}) for `images` ({name: path}). An
+    annotation pairs with the image of its own stem. When no image has one, but every file adds one fixed ending
+    to its image's name (ISIC's ``ISIC_0000000_segmentation.png``, GlaS's ``train_1_anno.bmp``, DRIVE's
+    ``21_training_mask.gif``), they pair by the name without that ending. Mixed endings stop with one line."""
+    if any(name in files for name in images):
+        return files
+    tails = {}
+    for stem in files:
+        owner = image_named_before(stem, images)
+        if owner is not None:
+            tails.setdefault(stem[len(owner):], stem)
+    if not tails:
+        return files
+    if len(tails) > 1:
+        examples = ", ".join(f"{example} ({tail})" for tail, example in sorted(tails.items())[:3])
+        raise UserError(f"the {what}s in {folder} add different endings to their image names: {examples}; keep "
+                        f"one {what} per image, named as the image or as the image plus one ending for all")
+    (tail,) = tails
+    paired = {stem[:-len(tail)]: path for stem, path in files.items()
+              if stem.endswith(tail) and stem[:-len(tail)] in images}
+    missing = sorted(set(images) - set(paired))
+    if missing:
+        raise UserError(f"{what} for image {images[missing[0]]} missing: expected {folder / (missing[0] + tail)}"
+                        f".png (or {', '.join(MASK_SUFFIXES[1:])}), named as the other {what}s are")
+    if announce:
+        print(f"folder dataset: {what}s in {folder} are named <image name>{tail}", file=sys.stderr)
+    return paired
 
 
 def paired_file(name, image_path, files, folder, what):
@@ -177,9 +218,10 @@ def read_folder(root, split, options):
     image_dir = require_folder(folder / "images", f"{folder.name} images")
     label_dir = require_folder(folder / "labels", f"{folder.name} labels")
     images = image_files(image_dir, IMAGE_SUFFIXES)
-    labels = annotation_files(label_dir, "label")
+    labels = paired_by_image(annotation_files(label_dir, "label"), images, label_dir, "label")
     mask_dir = folder / "masks"
-    masks = annotation_files(mask_dir, "mask") if mask_dir.is_dir() else None
+    masks = paired_by_image(annotation_files(mask_dir, "mask"), images, mask_dir, "mask") \
+        if mask_dir.is_dir() else None
     names = fold_names(list(images), split, options) if as_fold else sorted(images)
     samples = []
     for name in names:
@@ -205,9 +247,10 @@ def decide_classes(root, declared=0):
     if declared:
         return tuple(range(declared))
     image_dir, label_dir = root_folders(Path(root))
-    labels = annotation_files(label_dir, "label")
+    images = image_files(image_dir, IMAGE_SUFFIXES)
+    labels = paired_by_image(annotation_files(label_dir, "label"), images, label_dir, "label", announce=False)
     found = set()
-    for name, image_path in image_files(image_dir, IMAGE_SUFFIXES).items():
+    for name, image_path in images.items():
         found |= stored_values(read_stored_label(paired_file(name, image_path, labels, label_dir, "label")))
     foreground = sorted(found - {0})
     if not foreground:

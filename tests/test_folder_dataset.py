@@ -13,7 +13,7 @@ import tasks
 from conftest import TINY, script_main
 from errors import UserError
 from fixtures import save
-from tasks.folder import decide_classes, read_picture, score_folder
+from tasks.folder import decide_classes, image_named_before, read_picture, score_folder
 from tasks.splits import SplitOptions, fold_names
 
 
@@ -196,6 +196,37 @@ def test_binary_labels_read_any_nonzero_as_foreground(tmp_path):
     assert samples[0].fov is None and samples[0].image.shape == (64, 64, 3)
 
 
+def add_ending(folder, ending):
+    for path in sorted(folder.iterdir()):
+        path.rename(path.with_name(f"{path.stem}{ending}{path.suffix}"))
+
+
+def test_labels_and_masks_that_add_an_ending_to_the_image_name_pair_with_their_image(tmp_path, capsys):
+    root = write_binary(tmp_path / "isic")
+    for split in ("train", "test"):
+        add_ending(root / split / "labels", "_segmentation")
+        add_ending(root / split / "masks", "_mask")
+    options = SplitOptions(class_values=(0, 255))
+    samples = tasks.load_split("folder", root, "train", options) + tasks.load_split("folder", root, "test", options)
+    assert [sample.name for sample in samples] == [f"case{n}" for n in range(1, 7)]
+    for index, sample in enumerate(samples):
+        assert np.array_equal(sample.label, (shapes(index)[1] > 0).astype(np.uint8))
+        assert sample.fov.sum() == 56 * 56
+    assert f"labels in {root / 'train' / 'labels'} are named <image name>_segmentation" in capsys.readouterr().err
+    assert decide_classes(root) == (0, 255)
+
+
+@pytest.mark.parametrize("stem, names, owner", [
+    ("case10_anno", {"case1", "case10"}, "case10"),
+    ("case1_anno", {"case1", "case10"}, "case1"),
+    ("case10", {"case1"}, None),                       # case1 and case10 are different images
+    ("benign (1)_mask", {"benign (1)"}, "benign (1)"),
+    ("21_training_mask", {"21_training"}, "21_training"),
+])
+def test_the_image_a_name_begins_with(stem, names, owner):
+    assert image_named_before(stem, names) == owner
+
+
 def test_sixteen_bit_grey_images_are_windowed_not_clipped(tmp_path):
     path = tmp_path / "scan.png"
     from PIL import Image
@@ -297,6 +328,21 @@ def test_missing_mask_names_the_image(binary_root, capsys):
     (binary_root / "train" / "masks" / "case2.png").unlink()
     line = train_error(binary_root, capsys)
     assert "mask for image " in line and "case2.png missing" in line
+
+
+def test_label_endings_that_differ_are_refused(binary_root, capsys):
+    labels = binary_root / "train" / "labels"
+    add_ending(labels, "_mask")
+    (labels / "case2_mask.png").rename(labels / "case2_mask_1.png")
+    line = train_error(binary_root, capsys)
+    assert f"the labels in {labels} add different endings to their image names" in line and "_mask_1" in line
+
+
+def test_a_missing_label_among_labels_with_an_ending_names_the_expected_file(binary_root, capsys):
+    labels = binary_root / "train" / "labels"
+    add_ending(labels, "_anno")
+    (labels / "case3_anno.png").unlink()
+    assert f"expected {labels / 'case3_anno'}.png" in train_error(binary_root, capsys)
 
 
 def test_label_of_another_size_names_both_sizes(binary_root, capsys):

@@ -242,6 +242,27 @@ def test_benchmark_runs_and_prints_its_figures(small_drive, capsys):
     assert f"{runs_as}, eager, batch 2" in stdout
 
 
+def test_benchmark_announces_each_phase_that_would_outlast_the_limit(small_drive, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark, "LONG_WAIT_SECONDS", 0)  # every phase counts as long
+    benchmark.main(["--device", "cpu", "--image-size", "64", "--batch-size", "2", "--steps", "3", "--warmup", "2",
+                    "--tta", "false", "--data-root", str(small_drive)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("benchmark: ")]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("benchmark: training: about ") and "so 4 more steps take about" in lines[0]
+    assert lines[1].startswith("benchmark: inference on batches of 2 whole 64x64 images: about ")
+    assert "so 4 more batches take about" in lines[1]
+    assert lines[2].startswith("benchmark: evaluation of 2 test images x 1 view(s): about ")
+    assert lines[2].endswith("(--no-eval skips it)")
+
+
+def test_a_short_phase_is_not_announced(capsys):
+    benchmark.announce_long_wait("training", 0.5, 100, "steps")
+    assert capsys.readouterr().err == ""
+    benchmark.announce_long_wait("training", 0.5, 200, "steps")
+    assert capsys.readouterr().err == "benchmark: training: about 0.5 s each, so 200 more steps take about 100 s " \
+                                      "(fewer --steps shorten it)\n"
+
+
 @pytest.mark.parametrize("flags", [["--steps", "0"], ["--warmup", "-1"], ["--compare-batches", "8"],
                                    ["--compare-batches", "0,32"]])
 def test_benchmark_bad_flags_are_user_errors(flags):
