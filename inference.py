@@ -19,6 +19,13 @@ from devices import autocast
 # 608 x 608. Activation memory grows with it, and a full-resolution U-Net needs several GB per 8 such views.
 PIXELS_PER_FORWARD = 6_000_000
 
+# A native-resolution image larger than this (padded to a square side that is a multiple of 32) is predicted in
+# overlapping TILE_SIDE windows instead of whole: one view of 4096 x 4096 already holds several GB of
+# activations (CE-Net, bf16 on a CPU: about 0.35 GB a million pixels), and a 10000-px scan would not fit.
+WHOLE_IMAGE_PIXELS = 4096 * 4096
+TILE_SIDE = 3072               # a multiple of 32, as the encoder needs
+TILE_OVERLAP = 256             # the width over which neighbouring windows are blended
+
 
 @torch.no_grad()
 def predict(model, images, device, tta=True, amp=True, fmt=torch.contiguous_format, images_per_batch=None):
@@ -27,20 +34,27 @@ def predict(model, images, device, tta=True, amp=True, fmt=torch.contiguous_form
     With `tta`, every image is seen in all 8 dihedral variants; the variants of `images_per_batch`
     images (default: as many as PIXELS_PER_FORWARD allows, at least one) go through the network in one
     forward pass, each prediction is mapped back and the 8 are averaged (the paper's test-time augmentation).
+    An image too large for all its views in one pass (a 4000 x 3000 photograph at native size) sends them a few
+    at a time, so memory follows PIXELS_PER_FORWARD rather than 8 x the image.
     """
     model.eval()
-    variants = range(8) if tta else range(1)
+    variants = list(range(8) if tta else range(1))
+    pixels = images.shape[-2] * images.shape[-1]
     if images_per_batch is None:
-        images_per_batch = max(1, PIXELS_PER_FORWARD // (len(variants) * images.shape[-2] * images.shape[-1]))
+        images_per_batch = max(1, PIXELS_PER_FORWARD // (len(variants) * pixels))
     results = []
     for chunk in images.split(images_per_batch):
         chunk = chunk.to(device, non_blocking=True)
-        batch = torch.cat([data.dihedral(chunk, k) for k in variants]).contiguous(memory_format=fmt)
-        with autocast(device, amp):
-            logits = model(batch)
-        probs = networks.probabilities(logits.float()).split(len(chunk))
-        restored = torch.stack([data.undo_dihedral(view, k) for view, k in zip(probs, variants)])
-        results.append(restored.mean(0))
+        views_per_pass = max(1, min(len(variants), PIXELS_PER_FORWARD // (len(chunk) * pixels)))
+        restored = []
+        for start in range(0, len(variants), views_per_pass):
+            group = variants[start:start + views_per_pass]
+            batch = torch.cat([data.dihedral(chunk, k) for k in group]).contiguous(memory_format=fmt)
+            with autocast(device, amp):
+                logits = model(batch)
+            probs = networks.probabilities(logits.float()).split(len(chunk))
+            restored.extend(data.undo_dihedral(view, k) for view, k in zip(probs, group))
+        results.append(torch.stack(restored).mean(0))
     return torch.cat(results)
 
 
@@ -87,8 +101,12 @@ def predict_native(model, samples, device, *, tta, amp, fmt, preprocess="ours", 
     probabilities, and a rescaled prediction is resized back to the native image (antialiased bilinear)."""
     images, _ = data.stack_native(samples, 1, scale, preprocess)
     side = data.padded_side(*images.shape[-2:])
-    images = data.normalize(data.pad_to_square(images, side).to(device), preprocess)
-    probs = predict(model, images, device, tta=tta, amp=amp, fmt=fmt)
+    if side * side > WHOLE_IMAGE_PIXELS:
+        probs = [predict_tiled(model, image, device, tta=tta, amp=amp, fmt=fmt, preprocess=preprocess)
+                 for image in images]
+    else:
+        images = data.normalize(data.pad_to_square(images, side).to(device), preprocess)
+        probs = predict(model, images, device, tta=tta, amp=amp, fmt=fmt)
     restored = []
     for sample, prob in zip(samples, probs):
         rows, cols = data.scaled_shape(sample.label.shape, scale)
@@ -98,3 +116,47 @@ def predict_native(model, samples, device, *, tta, amp, fmt, preprocess="ours", 
                                  align_corners=False)[0]
         restored.append(prob)
     return restored
+
+
+def tile_starts(length, tile, overlap):
+    """Offsets of `tile`-long windows covering 0..length (length >= tile), neighbours sharing at least
+    `overlap` pixels; the last window ends at the edge."""
+    starts = list(range(0, length - tile + 1, tile - overlap))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def edge_ramp(tile, overlap, taper_start, taper_end):
+    """1-D blending weights of a window: 1 inside, falling linearly to 0 over `overlap` pixels at each end
+    that meets a neighbouring window (the pixels a window's own border distorts most count least); an end at
+    the image's border keeps weight 1, as no other window covers it."""
+    position = torch.arange(tile, dtype=torch.float32)
+    ramp = torch.ones(tile)
+    if taper_start:
+        ramp = torch.minimum(ramp, position / overlap)
+    if taper_end:
+        ramp = torch.minimum(ramp, (tile - 1 - position) / overlap)
+    return ramp
+
+
+def predict_tiled(model, image, device, *, tta, amp, fmt, preprocess="ours", tile=None, overlap=None):
+    """(K, H, W) probabilities on the CPU of one uint8 image (3, H, W) too large to predict whole: overlapping
+    tile x tile windows (zero-padded up to one window where the image is smaller), each predicted as a whole
+    image is (TTA included), blended with `edge_ramp` weights."""
+    tile, overlap = tile or TILE_SIDE, overlap or TILE_OVERLAP
+    height, width = image.shape[-2:]
+    image = F.pad(image, (0, max(0, tile - width), 0, max(0, tile - height)))
+    rows, cols = (tile_starts(length, tile, overlap) for length in image.shape[-2:])
+    total, weight_sum = None, torch.zeros(image.shape[-2:])
+    for top in rows:
+        for left in cols:
+            window = data.normalize(image[None, :, top:top + tile, left:left + tile], preprocess)
+            prob = predict(model, window, device, tta=tta, amp=amp, fmt=fmt)[0].float().cpu()
+            weight = torch.outer(edge_ramp(tile, overlap, top > 0, top + tile < image.shape[-2]),
+                                 edge_ramp(tile, overlap, left > 0, left + tile < image.shape[-1]))
+            if total is None:
+                total = torch.zeros(prob.shape[0], *image.shape[-2:])
+            total[:, top:top + tile, left:left + tile] += prob * weight
+            weight_sum[top:top + tile, left:left + tile] += weight
+    return (total / weight_sum)[:, :height, :width]

@@ -56,6 +56,18 @@ def test_tta_batched_over_images_equals_one_image_at_a_time():
     torch.testing.assert_close(budget, one, rtol=1e-5, atol=1e-6)
 
 
+def test_an_image_too_large_for_all_its_views_sends_them_a_few_at_a_time(monkeypatch):
+    model, images = cenet(), torch.randn(2, 3, 32, 32)
+    whole = inference.predict(model, images, torch.device("cpu"), tta=True)
+    passes = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda batch: passes.append(len(batch)) or forward(batch))
+    monkeypatch.setattr(inference, "PIXELS_PER_FORWARD", 3 * 32 * 32)  # three views of one image a pass
+    grouped = inference.predict(model, images, torch.device("cpu"), tta=True)
+    assert passes == [3, 3, 2, 3, 3, 2]
+    torch.testing.assert_close(grouped, whole, rtol=1e-5, atol=1e-6)
+
+
 def symmetric_conv(symmetric):
     """3x3 convolution whose kernel is (or is not) invariant under the 8 flips of the square: with zero
     padding such a convolution commutes with every flip, so TTA must leave its prediction unchanged."""
@@ -105,6 +117,55 @@ def test_a_rescaled_prediction_comes_back_at_native_size_and_in_place():
     inside = (slice(None), slice(2, -2), slice(2, -2))  # the border resamples against the zero padding
     torch.testing.assert_close(scaled[0][inside], native[0][inside], rtol=0, atol=0.02)
     torch.testing.assert_close(scaled[1][inside], native[1][inside], rtol=0, atol=0.02)
+
+
+def local_model(kernel):
+    """A `kernel` x `kernel` convolution with a fixed random kernel: its output at a pixel depends only on the
+    pixels within kernel // 2 of it, so overlapping windows can reproduce a whole-image prediction."""
+    torch.manual_seed(3)
+    model = torch.nn.Conv2d(3, 1, kernel, padding=kernel // 2)
+    model.num_classes = 1
+    return model
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_overlapping_windows_blend_into_the_whole_image_prediction(tta):
+    """Windows of 32 overlapping by 8 over a 90 x 90 image: at each window's inner border, where its own edge
+    distorts a 3x3 convolution, the weight is 0, so the blend equals the whole image's prediction."""
+    image = torch.randint(0, 256, (3, 90, 90), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    model, options = local_model(3), dict(tta=tta, amp=False, fmt=torch.contiguous_format)
+    whole = inference.predict(model, inference.data.normalize(image[None]), torch.device("cpu"), **options)[0]
+    tiled = inference.predict_tiled(model, image, torch.device("cpu"), tile=32, overlap=8, **options)
+    assert tiled.shape == (1, 90, 90)
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-6)
+
+
+def test_window_offsets_and_weights():
+    assert inference.tile_starts(100, 32, 8) == [0, 24, 48, 68]
+    assert inference.tile_starts(32, 32, 8) == [0]
+    ramp = inference.edge_ramp(8, 4, taper_start=True, taper_end=False)
+    assert ramp.tolist() == [0, 0.25, 0.5, 0.75, 1, 1, 1, 1]
+    assert inference.edge_ramp(8, 4, False, True).tolist() == [1, 1, 1, 1, 0.75, 0.5, 0.25, 0]
+
+
+def test_an_image_over_the_whole_image_limit_is_predicted_in_windows_at_its_own_size(monkeypatch):
+    """predict_native sends an image whose padded square exceeds WHOLE_IMAGE_PIXELS through windows (a 64 x 90
+    image, windows of 32 here) and hands back its native size; a pointwise model gives the same probabilities
+    either way."""
+    import tasks
+    image = torch.randint(0, 256, (64, 90, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    samples = [tasks.Sample("big", image.numpy(), torch.zeros(64, 90, dtype=torch.uint8).numpy())]
+    model, options = local_model(1), dict(tta=True, amp=False, fmt=torch.contiguous_format)
+    whole = inference.predict_native(model, samples, torch.device("cpu"), **options)[0]
+    seen = []
+    model.register_forward_hook(lambda module, inputs, output: seen.append(tuple(inputs[0].shape[-2:])))
+    monkeypatch.setattr(inference, "WHOLE_IMAGE_PIXELS", 64 * 64)
+    monkeypatch.setattr(inference, "TILE_SIDE", 32)
+    monkeypatch.setattr(inference, "TILE_OVERLAP", 8)
+    tiled = inference.predict_native(model, samples, torch.device("cpu"), **options)[0]
+    assert set(seen) == {(32, 32)} and len(seen) == 3 * 4  # 3 rows x 4 columns of windows, 8 views in one pass
+    assert tiled.shape == whole.shape == (1, 64, 90)
+    torch.testing.assert_close(tiled, whole.cpu(), rtol=0, atol=1e-6)
 
 
 @torch.no_grad()
