@@ -51,16 +51,17 @@ def require_folder(folder, what):
     return folder
 
 
-def annotation_files(folder, what):
-    """{stem: path} of the lossless files in `folder`, refusing a lossy one outright: JPEG changes the stored
-    values along every edge, which turns a class map into noise."""
+def annotation_files(folder, what, images, announce=True):
+    """{image name: path} of the lossless files in `folder` for `images` ({name: path}; see `paired_by_image`),
+    refusing a lossy one outright: JPEG changes the stored values along every edge, which turns a class map
+    into noise."""
     lossy = files_by_stem(folder, LOSSY_SUFFIXES)
     found = files_by_stem(folder, MASK_SUFFIXES)
     for stem, path in lossy.items():
         if stem not in found:
             raise UserError(f"{what} {path} is a lossy {path.suffix} file, whose compression changes the values "
                             f"along every edge; save it losslessly as {folder / stem}.png")
-    return found
+    return paired_by_image(found, images, folder, what, announce)
 
 
 def image_named_before(stem, image_names):
@@ -218,10 +219,9 @@ def read_folder(root, split, options):
     image_dir = require_folder(folder / "images", f"{folder.name} images")
     label_dir = require_folder(folder / "labels", f"{folder.name} labels")
     images = image_files(image_dir, IMAGE_SUFFIXES)
-    labels = paired_by_image(annotation_files(label_dir, "label"), images, label_dir, "label")
+    labels = annotation_files(label_dir, "label", images)
     mask_dir = folder / "masks"
-    masks = paired_by_image(annotation_files(mask_dir, "mask"), images, mask_dir, "mask") \
-        if mask_dir.is_dir() else None
+    masks = annotation_files(mask_dir, "mask", images) if mask_dir.is_dir() else None
     names = fold_names(list(images), split, options) if as_fold else sorted(images)
     samples = []
     for name in names:
@@ -248,7 +248,7 @@ def decide_classes(root, declared=0):
         return tuple(range(declared))
     image_dir, label_dir = root_folders(Path(root))
     images = image_files(image_dir, IMAGE_SUFFIXES)
-    labels = paired_by_image(annotation_files(label_dir, "label"), images, label_dir, "label", announce=False)
+    labels = annotation_files(label_dir, "label", images, announce=False)
     found = set()
     for name, image_path in images.items():
         found |= stored_values(read_stored_label(paired_file(name, image_path, labels, label_dir, "label")))
