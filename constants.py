@@ -48,7 +48,8 @@ WARMUP_STEPS = 0              # linear warm-up of the LR over the first steps (0
 AUGMENT = "paper"             # paper: dihedral flips, 90-110 % scaling, shift, HSV jitter; authors_code: as
                               # the authors' code (each with probability 0.5, aspect jitter); flips; elastic
                               # (flips + a smooth random elastic deformation, as EM work uses); camera (paper's,
-                              # scale log-uniform in [1/1.5, 1.5]: for other cameras' vessel widths); none
+                              # scale log-uniform in [1/1.5, 1.5]: for other cameras' vessel widths);
+                              # camera_photometric (camera + gamma, contrast and blur jitter); none
 ELASTIC_ALPHA = 10.0          # elastic: std (px) of the random displacement of each control point (0: identity)
 ELASTIC_SPACING = 128         # elastic: control points at most this many px apart over each crop, bicubic between
 SEED = 0

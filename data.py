@@ -52,6 +52,14 @@ ELASTIC_SPACING = 128   # largest distance (px) between neighbouring control poi
 # at prediction time (--eval-scale) matches the first only as well as its assumptions. On CHASE_DB1 the two rules'
 # factors (FOV diameter alone, 0.59; with the field angles, 0.39) differ by 1.5, the range given here.
 CAMERA_SCALE_FACTOR = 1.5
+# "camera_photometric": "camera" plus what an HSV shift does not do to an image, and cameras and their settings
+# do: a tone curve (gamma, log-uniform in [1/GAMMA_FACTOR, GAMMA_FACTOR]), a contrast change about the image's mean
+# grey (factor uniform in CONTRAST_RANGE) and optical / compression softness (Gaussian blur, sigma uniform in
+# [0, BLUR_SIGMA_MAX] px of the training crop). A thin vessel that one camera draws sharp another draws soft
+# and fainter. The ranges were fixed from those effects' size, not tuned on a target dataset.
+GAMMA_FACTOR = 1.5
+CONTRAST_RANGE = (0.7, 1.3)
+BLUR_SIGMA_MAX = 1.5
 
 # AUGMENT's choices. "paper" applies every transform to every sample. "authors_code" follows the authors'
 # released data.py: each transform with probability 0.5, an aspect-ratio jitter of +-10 % besides the
@@ -60,7 +68,8 @@ CAMERA_SCALE_FACTOR = 1.5
 # learns from fastest (see recipes.py). "elastic" is the 8 flips plus a smooth random elastic deformation
 # (`draw_displacements`), the augmentation of EM membrane work (Ciresan et al. 2012, U-Net 2015): cells bend
 # and stretch from slice to slice, and a deformed membrane is still a membrane. "camera" is the paper's
-# transforms with the scale widened to CAMERA_SCALE_FACTOR either way, for a model meant to meet other cameras.
+# transforms with the scale widened to CAMERA_SCALE_FACTOR either way, for a model meant to meet other cameras;
+# "camera_photometric" adds gamma, contrast and blur (`draw_photometric`).
 AUGMENTATIONS = {
     "paper": {"flips": True, "scale_shift": True, "colour": True},
     "authors_code": {"flips": True, "scale_shift": True, "colour": True, "probability": 0.5, "aspect": 0.1,
@@ -68,6 +77,8 @@ AUGMENTATIONS = {
     "flips": {"flips": True, "scale_shift": False, "colour": False},
     "elastic": {"flips": True, "scale_shift": False, "colour": False, "elastic": True},
     "camera": {"flips": True, "scale_shift": True, "colour": True, "scale_factor": CAMERA_SCALE_FACTOR},
+    "camera_photometric": {"flips": True, "scale_shift": True, "colour": True, "scale_factor": CAMERA_SCALE_FACTOR,
+                           "photometric": True},
     "none": {"flips": False, "scale_shift": False, "colour": False},
 }
 
@@ -479,6 +490,48 @@ def apply_augmentation(images, labels, theta, hsv_shifts, out_size=None, colour_
 
 
 
+def draw_photometric(count, generator):
+    """(count, 3) per-sample (gamma, contrast, blur sigma in px) for `jitter_photometric`, within GAMMA_FACTOR,
+    CONTRAST_RANGE and BLUR_SIGMA_MAX."""
+    log_gamma = math.log(GAMMA_FACTOR)
+    gammas = torch.empty(count).uniform_(-log_gamma, log_gamma, generator=generator).exp()
+    contrasts = torch.empty(count).uniform_(*CONTRAST_RANGE, generator=generator)
+    sigmas = torch.empty(count).uniform_(0.0, BLUR_SIGMA_MAX, generator=generator)
+    return torch.stack([gammas, contrasts, sigmas], dim=1)
+
+
+
+def gaussian_blur(images, sigmas):
+    """Each image of (B, C, H, W) blurred by a separable Gaussian of its own `sigmas` (B,) px, edges reflected;
+    sigma 0 returns the image unchanged. The kernel reaches 3 sigma of the largest sigma in the batch."""
+    radius = max(1, math.ceil(3 * float(sigmas.max())))
+    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    spread = sigmas.to(images.dtype).clamp_min(1e-3)[:, None]
+    kernels = torch.exp(-offsets[None] ** 2 / (2 * spread ** 2))
+    kernels = kernels / kernels.sum(dim=1, keepdim=True)
+    batch, channels, height, width = images.shape
+    kernels = kernels.repeat_interleave(channels, dim=0)[:, None]  # one kernel per (image, channel) group
+    flat = F.pad(images.reshape(1, batch * channels, height, width), (radius, radius, radius, radius),
+                 mode="reflect")
+    flat = F.conv2d(flat, kernels[:, :, None, :], groups=batch * channels)
+    flat = F.conv2d(flat, kernels[:, :, :, None], groups=batch * channels)
+    return flat.view(batch, channels, height, width)
+
+
+
+def jitter_photometric(images, parameters):
+    """Images (B, 3, H, W) in [0, 1] through a camera's softness, contrast and tone curve, in that order (the
+    optics before the electronics): blur by sigma, x -> m + c (x - m) with m the image's mean grey, then
+    x -> x ** gamma; `parameters` (B, 3) rows (gamma, contrast, sigma) of `draw_photometric`."""
+    parameters = parameters.to(images.dtype)
+    gammas, contrasts = parameters[:, 0].view(-1, 1, 1, 1), parameters[:, 1].view(-1, 1, 1, 1)
+    images = gaussian_blur(images, parameters[:, 2])
+    means = images.mean(dim=(1, 2, 3), keepdim=True)
+    images = (means + contrasts * (images - means)).clamp(0, 1)
+    return images ** gammas
+
+
+
 def augment(images, labels, generator, mode="paper"):
     """Augmentation `mode` on a batch (any device), parameters drawn from `generator` (elastic: at
     ELASTIC_ALPHA and ELASTIC_SPACING)."""
@@ -486,8 +539,11 @@ def augment(images, labels, generator, mode="paper"):
     parts = augmentation_parts(mode)
     displacements = draw_displacements(images.shape[0], images.shape[-1], generator).to(images.device) \
         if parts.get("elastic") else None
-    return apply_augmentation(images, labels, theta.to(images.device), shifts.to(images.device),
-                              colour_first=parts.get("colour_first", False), displacements=displacements)
+    images, labels = apply_augmentation(images, labels, theta.to(images.device), shifts.to(images.device),
+                                        colour_first=parts.get("colour_first", False), displacements=displacements)
+    if parts.get("photometric"):
+        images = jitter_photometric(images, draw_photometric(images.shape[0], generator).to(images.device))
+    return images, labels
 
 
 

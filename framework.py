@@ -423,6 +423,8 @@ class Trainer:
             side = patch or self.images.shape[-1]
             plan["elastic"] = data.draw_displacements(steps * batch_size, side, generator, self.config.elastic_alpha,
                                                       self.config.elastic_spacing).unflatten(0, (steps, batch_size))
+        if data.augmentation_parts(augment).get("photometric"):  # drawn last, as the elastic field
+            plan["photometric"] = data.draw_photometric(steps * batch_size, generator).view(steps, batch_size, 3)
         return {key: to_device(value, self.device) for key, value in plan.items()}
 
     def batch(self):
@@ -452,6 +454,8 @@ class Trainer:
             images, maps = data.apply_augmentation(images, maps, self.plan["theta"][step],
                                                    self.plan["hsv"][step], colour_first=self.colour_first,
                                                    displacements=displacements)
+        if "photometric" in self.plan:
+            images = data.jitter_photometric(images, self.plan["photometric"][step])
         labels = maps[:, 0] if carried else maps
         extras = {name: maps[:, position] for position, name in enumerate(carried, start=1)}
         if "weights" in extras:

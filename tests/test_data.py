@@ -223,6 +223,81 @@ def test_camera_augmentation_scales_log_uniformly_and_leaves_the_other_draws_alo
     assert torch.equal(camera_theta[:, :, 2], paper_theta[:, :, 2]) and torch.equal(camera_hsv, paper_hsv)
 
 
+def test_photometric_draws_span_their_ranges_and_leave_the_camera_draws_alone():
+    """camera_photometric: gamma log-uniform within [1/1.5, 1.5], contrast and blur uniform within their ranges;
+    the affine and colour draws before them are camera's own for the same seed."""
+    parameters = data.draw_photometric(4000, torch.Generator().manual_seed(0))
+    gammas, contrasts, sigmas = parameters.unbind(1)
+    factor = data.GAMMA_FACTOR
+    assert 1 / factor <= float(gammas.min()) < 1 / factor + 0.01 and factor - 0.01 < float(gammas.max()) <= factor
+    assert abs(float((gammas > 1).float().mean()) - 0.5) < 0.03          # as many darkening as brightening
+    low, high = data.CONTRAST_RANGE
+    assert low <= float(contrasts.min()) < low + 0.01 and high - 0.01 < float(contrasts.max()) <= high
+    assert 0 <= float(sigmas.min()) < 0.01 and data.BLUR_SIGMA_MAX - 0.01 < float(sigmas.max()) <= data.BLUR_SIGMA_MAX
+    first = data.draw_augmentation(50, torch.Generator().manual_seed(3), "camera_photometric")
+    second = data.draw_augmentation(50, torch.Generator().manual_seed(3), "camera")
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_photometric_jitter_against_hand_computed_values():
+    """Gamma 2 squares a flat image; contrast 0.5 halves each pixel's distance from the mean grey; blur keeps a
+    flat image flat, keeps the total of a single bright pixel (inside the frame) and spreads it as exp(-d^2/2s^2);
+    sigma 0 is the identity."""
+    flat = torch.full((1, 3, 9, 9), 0.6)
+    torch.testing.assert_close(data.jitter_photometric(flat, torch.tensor([[2.0, 1.0, 0.0]])), flat ** 2)
+    torch.testing.assert_close(data.jitter_photometric(flat, torch.tensor([[1.0, 1.0, 1.2]])), flat)
+    halves = torch.zeros(1, 3, 4, 4)
+    halves[..., 2:] = 1.0                                             # mean grey 0.5
+    contrasted = data.jitter_photometric(halves, torch.tensor([[1.0, 0.5, 0.0]]))
+    assert torch.allclose(contrasted[..., :2], torch.tensor(0.25)) and torch.allclose(contrasted[..., 2:],
+                                                                                        torch.tensor(0.75))
+    dot = torch.zeros(2, 3, 21, 21)
+    dot[:, :, 10, 10] = 1.0
+    blurred = data.gaussian_blur(dot, torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(blurred[1], dot[1])                    # sigma 0: untouched
+    torch.testing.assert_close(blurred[0].sum(dim=(1, 2)), torch.ones(3))
+    ratio = float(blurred[0, 0, 10, 11] / blurred[0, 0, 10, 10])
+    assert abs(ratio - math.exp(-1 / 2)) < 1e-5
+    assert abs(float(blurred[0, 0, 11, 11] / blurred[0, 0, 10, 10]) - math.exp(-1)) < 1e-5
+
+
+def test_photometric_augmentation_changes_only_the_image():
+    """Through `augment`, camera_photometric moves the label exactly as camera does (same seed, same draws)
+    and keeps the image in [0, 1]; the images differ by the photometric jitter alone."""
+    images = torch.rand(4, 3, 32, 32)
+    labels = (torch.rand(4, 32, 32) > 0.5).to(torch.uint8)
+    plain_images, plain_labels = data.augment(images, labels, torch.Generator().manual_seed(5), "camera")
+    jittered, moved = data.augment(images, labels, torch.Generator().manual_seed(5), "camera_photometric")
+    assert torch.equal(moved, plain_labels)
+    assert float(jittered.min()) >= 0 and float(jittered.max()) <= 1
+    assert not torch.allclose(jittered, plain_images)
+
+
+def test_a_photometric_run_sees_the_camera_runs_crops_with_its_own_jitter():
+    """In training, camera_photometric draws its jitter after everything else: the same seed gives the crops,
+    flips and labels of a camera run, and images that differ from them by exactly `jitter_photometric`."""
+    import framework
+    images = torch.randint(0, 256, (3, 3, 48, 48), dtype=torch.uint8)
+    labels = (torch.rand(3, 48, 48) > 0.5).to(torch.uint8)
+    model = torch.nn.Conv2d(3, 1, 3, padding=1)
+    model.num_classes = 1
+
+    def trainer(augment):
+        config = framework.TrainConfig(batch_size=2, epochs=2, amp=False, loss="bce", augment=augment, patch_size=32)
+        return framework.Trainer(model, images, labels, config, torch.device("cpu"))
+
+    camera, jittered = trainer("camera"), trainer("camera_photometric")
+    assert "photometric" not in camera.plan and jittered.plan["photometric"].shape == (jittered.total_steps, 2, 3)
+    camera_images, camera_labels = camera.batch()
+    jittered_images, jittered_labels = jittered.batch()
+    assert torch.equal(camera_labels, jittered_labels)
+    mean = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+    unnormalised = camera_images * std + mean
+    expected = data.normalize(data.jitter_photometric(unnormalised, jittered.plan["photometric"][0]))
+    torch.testing.assert_close(jittered_images, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_colour_first_keeps_the_moved_in_border_black():
     """The authors' order (colour, then warp) leaves the zero padding black; ours jitters it."""
     image = torch.full((1, 3, 16, 16), 0.5)
