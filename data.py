@@ -501,15 +501,17 @@ def draw_photometric(count, generator):
 
 
 
-def gaussian_blur(images, sigmas):
+def gaussian_blur(images, sigmas, max_sigma=BLUR_SIGMA_MAX):
     """Each image of (B, C, H, W) blurred by a separable Gaussian of its own `sigmas` (B,) px, edges reflected;
-    sigma 0 returns the image unchanged. The kernel reaches 3 sigma of the largest sigma in the batch."""
-    radius = max(1, math.ceil(3 * float(sigmas.max())))
+    sigma 0 returns the image unchanged. The kernel reaches 3 `max_sigma` (at most to the image's edge, as
+    reflection needs), fixed rather than read from `sigmas`: reading a device tensor would stall the host at every
+    training step."""
+    batch, channels, height, width = images.shape
+    radius = max(1, min(math.ceil(3 * max_sigma), height - 1, width - 1))
     offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     spread = sigmas.to(images.dtype).clamp_min(1e-3)[:, None]
     kernels = torch.exp(-offsets[None] ** 2 / (2 * spread ** 2))
     kernels = kernels / kernels.sum(dim=1, keepdim=True)
-    batch, channels, height, width = images.shape
     kernels = kernels.repeat_interleave(channels, dim=0)[:, None]  # one kernel per (image, channel) group
     flat = F.pad(images.reshape(1, batch * channels, height, width), (radius, radius, radius, radius),
                  mode="reflect")
