@@ -45,7 +45,8 @@ def parse_args(argv=None):
                         help="put the carried runs after the new ones, so the first new run is the reference "
                              "every other run is paired with (and its figures are the table's)")
     parser.add_argument("--name", default="comparison", help="file name of the table (default: comparison)")
-    parser.add_argument("--title", default="Evaluated runs side by side", help="the table's heading")
+    parser.add_argument("--title", default=None,
+                        help="the table's heading (default: the --carry table's, else 'Evaluated runs side by side')")
     parser.add_argument("--out", default="results", help="folder for <name>.json, <name>.md and figures/")
     parser.add_argument("--overlay", default="01", help="which test image's overlay to copy (default: 01)")
     parser.add_argument("--folds", type=folds_list, default=None,

@@ -141,6 +141,7 @@ DATASET_TITLES = {"drive": "DRIVE", "chase": "CHASE_DB1", "drishti": "Drishti-GS
                   "monuseg": "MoNuSeg", "monuseg_contour": "MoNuSeg as inside / contour", "glas": "GlaS",
                   "origa": "ORIGA", "messidor": "Messidor", "rimone": "RIM-ONE"}
 EVAL_SCALE_TITLES = {"1": "training scale", "auto": "FOV-matched scale", "field": "field-angle-matched scale"}
+DEFAULT_TITLE = "Evaluated runs side by side"
 SPLIT_TITLES = {"train": "training images", "all": "training and test images"}
 
 
@@ -164,7 +165,7 @@ def carried_runs(table_path):
             recorded = {"loss": settings.get("LOSS"),
                         "augment": data.augmentation_mode(settings.get("AUGMENT"))}
             run.update({key: recorded[key] for key in missing})
-    return runs, path.parent, table.get("figures", []), table.get("notes", [])
+    return runs, path.parent, table.get("figures", []), table.get("notes", []), table.get("title")
 
 
 def distinct_titles(runs):
@@ -498,8 +499,10 @@ def write(name, title, eval_dirs, out, overlay="01", notes=(), carry=None, carry
     """`carry`: a table written before whose runs come first (its first run stays the reference), with
     its figures where the first run's test.py folder is no longer on this disk; with `carry_after` they
     come after the new runs, so the first new run becomes the reference. The carried table's notes stay, before
-    the new ones."""
-    carried, carried_dir, carried_figures, carried_notes = carried_runs(carry) if carry else ([], None, [], [])
+    the new ones, and so does its title unless `title` names another."""
+    carried, carried_dir, carried_figures, carried_notes, carried_title = (
+        carried_runs(carry) if carry else ([], None, [], [], None))
+    title = title or carried_title or DEFAULT_TITLE
     notes = list(dict.fromkeys([*carried_notes, *notes]))
     new = [load_any(path, folds) for path in eval_dirs]
     runs = distinct_titles(new + carried if carry_after else carried + new)

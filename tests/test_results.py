@@ -141,6 +141,16 @@ def test_new_runs_join_a_carried_table_whose_folders_are_gone(tmp_path):
     assert [(pair["first"], pair["other"]) for pair in written["paired"]] == [("backbone", "cenet"),
                                                                             ("backbone", "unet")]
     assert written["paired"][0]["metrics"]["FOV AUC"]["mean_difference"] == pytest.approx(0.95 - 0.94)
+    # the carried table's heading stays unless a new one is named; without either, the default heading
+    table["title"] = "Old runs on DRIVE"
+    (tmp_path / "old.json").write_text(json.dumps(table))
+    json_path, md_path = comparison.write("kept", None, [], tmp_path, carry=tmp_path / "old.json")
+    assert json.loads(json_path.read_text())["title"] == "Old runs on DRIVE"
+    assert md_path.read_text().startswith("# Old runs on DRIVE\n")
+    json_path, _ = comparison.write("renamed", "New heading", [], tmp_path, carry=tmp_path / "old.json")
+    assert json.loads(json_path.read_text())["title"] == "New heading"
+    json_path, _ = comparison.write("plain", None, [new_run], tmp_path)
+    assert json.loads(json_path.read_text())["title"] == "Evaluated runs side by side"
     with pytest.raises(UserError, match="--carry takes"):
         comparison.write("new", "t", [], tmp_path, carry=tmp_path / "missing.json")
     (tmp_path / "broken.json").write_text("{ not json")
