@@ -45,7 +45,8 @@ def load_run(eval_dir):
         "eval_dir": str(eval_dir), "checkpoint": checkpoint, "model": model,
         "title": networks.MODEL_TITLES.get(model, model), "loss": settings.get("LOSS"),
         "augment": data.augmentation_mode(settings.get("AUGMENT")),
-        "patch_scale": settings.get("PATCH_SCALE", 1.0),
+        "patch_scale": settings.get("PATCH_SCALE", 1.0), "patch_size": settings.get("PATCH_SIZE"),
+        "batch_size": settings.get("BATCH_SIZE"),
         "summary": evaluated["summary"], "per_image": evaluated["per_image"], "protocol": evaluated["protocol"],
         "steps": payload.get("step"), "train_seconds": payload.get("train_seconds"),
         "eval_seconds": evaluated["seconds"]["total_after_load"], "pretrained": payload.get("pretrained"),
@@ -93,7 +94,8 @@ def load_crossval_table(table_path, folds=None):
         "eval_dir": str(path), "checkpoint": first["checkpoint"], "model": first["protocol"]["model"],
         "title": networks.MODEL_TITLES.get(first["protocol"]["model"], first["protocol"]["model"]),
         "loss": settings.get("LOSS"), "augment": data.augmentation_mode(settings.get("AUGMENT")),
-        "patch_scale": settings.get("PATCH_SCALE", 1.0),
+        "patch_scale": settings.get("PATCH_SCALE", 1.0), "patch_size": settings.get("PATCH_SIZE"),
+        "batch_size": settings.get("BATCH_SIZE"),
         "summary": totals["over_images"], "over_folds": totals["over_folds"],
         "folds": [record["fold"] for record in records], "num_folds": table.get("folds"),
         "per_image": per_image, "protocol": first["protocol"], "steps": first["protocol"].get("train_steps"),
@@ -171,9 +173,10 @@ def carried_runs(table_path):
 def distinct_titles(runs):
     """Each run titled by its model; where several runs share a model, the title adds what tells them
     apart: the training data ('CE-Net, trained on DRIVE'), the loss ('FullNet, varCE'), the augmentation
-    ('CE-Net, camera augmentation'; only where recorded), the preprocessing ('CE-Net, CLAHE'), the scale of
-    crops and prediction ('CE-Net, 1.5x scale', 'CE-Net, FOV-matched scale'), the number of steps ('CE-Net, 1500
-    steps'), 'no TTA', the images scored ('training and test images')."""
+    ('CE-Net, camera augmentation'; only where recorded), the preprocessing ('CE-Net, CLAHE'), the training
+    crops ('CE-Net, 512 px crops, batch 1'; only where recorded), the scale of crops and prediction ('CE-Net,
+    1.5x scale', 'CE-Net, FOV-matched scale'), the number of steps ('CE-Net, 1500 steps'), 'no TTA', the images
+    scored ('training and test images')."""
     for run in runs:
         run["title"] = networks.MODEL_TITLES.get(run["model"], run["model"])
     groups = {}
@@ -184,7 +187,7 @@ def distinct_titles(runs):
             continue
         differ = {name: len({value(run) for run in group}) > 1 for name, value in (
             ("trained_on", trained_on), ("loss", lambda run: run.get("loss")),
-            ("augment", lambda run: run.get("augment")), ("preprocess", preprocess_of),
+            ("augment", lambda run: run.get("augment")), ("crops", crops_of), ("preprocess", preprocess_of),
             ("scale", scale_of), ("eval_scale", eval_scale_of), ("steps", lambda run: run.get("steps")),
             ("tta", tta_of), ("split", split_of), ("postprocess", postprocess_of))}
         for run in group:
@@ -195,6 +198,8 @@ def distinct_titles(runs):
                 parts.append(LOSS_TITLES.get(run.get("loss"), str(run.get("loss"))))
             if differ["augment"] and run.get("augment"):
                 parts.append(AUGMENT_TITLES.get(run["augment"], run["augment"]))
+            if differ["crops"] and crops_of(run):
+                parts.append(crops_title(*crops_of(run)))
             if differ["preprocess"] and preprocess_of(run) != "ours":
                 parts.append(PREPROCESS_TITLES.get(preprocess_of(run), preprocess_of(run)))
             if differ["scale"] and scale_of(run) != 1:
@@ -203,7 +208,7 @@ def distinct_titles(runs):
                 parts.append(EVAL_SCALE_TITLES.get(eval_scale_of(run), f"{eval_scale_of(run)}x prediction scale"))
             if differ["postprocess"] and postprocess_of(run) != "none":
                 parts.append(f"{postprocess_of(run)} post-processing")
-            told_apart = ("trained_on", "loss", "augment", "preprocess", "scale", "eval_scale", "tta", "split",
+            told_apart = ("trained_on", "loss", "augment", "crops", "preprocess", "scale", "eval_scale", "tta", "split",
                           "postprocess")
             if differ["steps"] or not any(differ[name] for name in told_apart):
                 parts.append(f"{run.get('steps')} steps")
@@ -234,6 +239,17 @@ def eval_scale_of(run):
 
 def preprocess_of(run):
     return run.get("protocol", {}).get("preprocess", "ours")
+
+
+def crops_of(run):
+    """(PATCH_SIZE, BATCH_SIZE) of the training, or None for a table written before runs recorded them."""
+    if run.get("patch_size") is None or run.get("batch_size") is None:
+        return None
+    return run["patch_size"], run["batch_size"]
+
+
+def crops_title(patch_size, batch_size):
+    return f"{patch_size} px crops, batch {batch_size}" if patch_size else f"whole resized images, batch {batch_size}"
 
 
 def scale_of(run):

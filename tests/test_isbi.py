@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import comparison
 import crossval
 import data
 import evaluation
@@ -385,6 +386,8 @@ def test_crossval_runs_each_fold_once_and_scores_trained_folds_again(tmp_path, m
     fold_means = [record["summary"]["VRand"] for record in table["records"]]
     assert table["aggregate"]["over_folds"]["VRand"]["mean"] == pytest.approx(np.mean(fold_means))
     assert "mean ± std over folds (n=2)" in (tmp_path / "r" / "cv.md").read_text()
+    as_one_run = comparison.load_crossval_table(tmp_path / "r" / "cv.json")   # what compare.py reads
+    assert (as_one_run["patch_size"], as_one_run["batch_size"]) == (64, 2)   # LEVERS, TINY
 
     def no_training(*args, **kwargs):
         raise AssertionError("a trained fold was trained again")

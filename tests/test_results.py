@@ -249,6 +249,19 @@ def test_runs_of_one_model_are_told_apart_by_training_data_and_prediction_scale(
         "CE-Net, camera augmentation", "CE-Net, flips only", "CE-Net"]   # a table older than the record: no tag
 
 
+def test_runs_of_one_model_are_told_apart_by_their_training_crops():
+    crops = {"model": "cenet", "loss": "weighted_bce_dice", "augment": "elastic", "steps": 1200,
+             "patch_size": 256, "batch_size": 4}
+    whole = {**crops, "patch_size": 512, "batch_size": 1}
+    resized = {**crops, "patch_size": 0, "batch_size": 8}
+    unrecorded = {key: value for key, value in crops.items() if key not in ("patch_size", "batch_size")}
+    assert [run["title"] for run in comparison.distinct_titles([whole, crops, resized, unrecorded])] == [
+        "CE-Net, 512 px crops, batch 1", "CE-Net, 256 px crops, batch 4", "CE-Net, whole resized images, batch 8",
+        "CE-Net"]
+    assert [run["title"] for run in comparison.distinct_titles([crops, {**crops, "steps": 600}])] == [
+        "CE-Net, 1200 steps", "CE-Net, 600 steps"]   # the same crops: no tag
+
+
 def test_runs_are_paired_only_with_a_run_scored_the_same_way():
     def run(tta, threshold=0.5, dataset="drive"):
         return {"protocol": {"tta": tta, "threshold": threshold, "dataset": dataset}}
