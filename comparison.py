@@ -135,7 +135,8 @@ def load_any(path, folds=None):
 
 
 LOSS_TITLES = {"dice": "Dice", "bce": "BCE", "ce": "CE", "dice_bce": "Dice + BCE", "varce": "varCE",
-               "weighted_bce_dice": "Dice + border-weighted BCE"}
+               "weighted_bce_dice": "Dice + border-weighted BCE",
+               "weighted_bce_cldice": "Dice + border-weighted BCE + clDice"}
 PREPROCESS_TITLES = {"clahe": "CLAHE", "authors": "authors' preprocessing"}
 AUGMENT_TITLES = {"paper": "paper's augmentation", "authors_code": "authors' augmentation", "flips": "flips only",
                   "elastic": "elastic augmentation", "camera": "camera augmentation", "none": "no augmentation"}

@@ -32,7 +32,8 @@ PRETRAINED = "imagenet"       # "imagenet" (torchvision), "none", or a path to a
 # --- optimisation (paper: SGD, momentum 0.9, wd 1e-4, batch 8, poly LR from 4e-3) --------
 RECIPE = ""                   # a named set of overrides from recipes.py ("cpu", "hires", ...); flags still win
 LOSS = "dice"                 # dice (Eq. 2), bce, ce, dice_bce, varce, weighted_bce_dice (Dice + BCE weighted by
-                              # U-Net's border map w = w_c + w0 exp(-(d1 + d2)^2 / (2 sigma^2)), loss.border_weight_map)
+                              # U-Net's border map w = w_c + w0 exp(-(d1 + d2)^2 / (2 sigma^2)), loss.border_weight_map),
+                              # weighted_bce_cldice (that + 0.5 (1 - clDice), a centreline term against gaps)
 BORDER_W0 = 10.0              # weighted_bce_dice: w0, the most a pixel squeezed between two cells gains (U-Net: 10)
 BORDER_SIGMA = 5.0            # weighted_bce_dice: sigma in px; d1, d2 = distances to the nearest two cells (U-Net: 5)
 BORDER_CELLS = "background"   # weighted_bce_dice: which class the cells are: background (isbi2012: the regions between

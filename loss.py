@@ -21,7 +21,7 @@ from scipy import ndimage
 from errors import UserError
 from networks import probabilities
 
-LOSSES = ("dice", "bce", "ce", "dice_bce", "varce", "weighted_bce_dice")
+LOSSES = ("dice", "bce", "ce", "dice_bce", "varce", "weighted_bce_dice", "weighted_bce_cldice")
 
 
 def check_logits_and_target(logits, target):
@@ -343,12 +343,84 @@ class WeightedBCEDiceLoss(nn.Module):
         return self.dice(logits, target) + weighted
 
 
+def soft_erode(x):
+    """Grey-level erosion of (N, 1, H, W) maps by a 3 x 3 cross: the minimum of the pixel and its four
+    neighbours (pixels outside the frame do not count)."""
+    across = -F.max_pool2d(-x, (1, 3), stride=1, padding=(0, 1))
+    down = -F.max_pool2d(-x, (3, 1), stride=1, padding=(1, 0))
+    return torch.minimum(across, down)
+
+
+def soft_dilate(x):
+    """Grey-level dilation of (N, 1, H, W) maps by a 3 x 3 square (pixels outside the frame do not count)."""
+    return F.max_pool2d(x, 3, stride=1, padding=1)
+
+
+def soft_skeleton(x, iterations):
+    """Soft skeleton of (N, 1, H, W) maps in [0, 1] (Shit et al., clDice, CVPR 2021):
+
+        s_0 = relu(x - open(x)),   x_j = erode(x_{j-1}),
+        s_j = s_{j-1} + relu(d_j - s_{j-1} d_j),   d_j = relu(x_j - open(x_j)),   j = 1 .. iterations,
+
+    open = dilate(erode(.)). On a binary map it is the union of what each opening of the eroded map removes:
+    the middle line of a band up to 2 * iterations + 1 pixels wide (one pixel wide for an odd width, two for
+    an even one), short of the band's ends by about half its width; a wider band leaves no line."""
+    skeleton = F.relu(x - soft_dilate(soft_erode(x)))
+    for _ in range(iterations):
+        x = soft_erode(x)
+        delta = F.relu(x - soft_dilate(soft_erode(x)))
+        skeleton = skeleton + F.relu(delta - skeleton * delta)
+    return skeleton
+
+
+def cl_dice(probs, target, iterations, valid=None, smooth=1.0):
+    """Centreline Dice of foreground maps (N, 1, H, W) in [0, 1]:
+
+        T_prec = (sum S_P V_L + s) / (sum S_P + s),   T_sens = (sum S_L V_P + s) / (sum S_L + s),
+        clDice = 2 T_prec T_sens / (T_prec + T_sens),
+
+    P the predicted and L the true map, S their soft skeletons, V the maps themselves; sums over the batch
+    and over the pixels where `valid` (same shape) is 1. T_sens falls where a true centreline crosses a gap
+    in the prediction (a broken membrane), T_prec where a predicted centreline runs through a true cell."""
+    valid = torch.ones_like(target) if valid is None else valid
+    pred_skeleton = soft_skeleton(probs, iterations) * valid
+    true_skeleton = soft_skeleton(target, iterations) * valid
+    precision = ((pred_skeleton * target).sum() + smooth) / (pred_skeleton.sum() + smooth)
+    sensitivity = ((true_skeleton * probs).sum() + smooth) / (true_skeleton.sum() + smooth)
+    return 2.0 * precision * sensitivity / (precision + sensitivity)
+
+
+class WeightedBCEClDiceLoss(WeightedBCEDiceLoss):
+    """Dice, U-Net's border-weighted BCE and a topology term (K = 1):
+
+        L = L_Dice + L_wBCE + lambda * (1 - clDice),
+
+    clDice (`cl_dice`) of the foreground (the membranes of isbi2012) over the pixels of non-zero border weight,
+    with `iterations` erosions (the skeleton reaches bands up to 2 * iterations + 1 px wide). The term
+    punishes a gap in a thin structure by the length of centreline it cuts, not by its few pixels."""
+
+    def __init__(self, w0=10.0, sigma=5.0, cells="background", weight=0.5, iterations=10):
+        super().__init__(w0, sigma, cells)
+        if weight < 0 or iterations < 1:
+            raise UserError(f"clDice needs weight >= 0 and iterations >= 1, got {weight} and {iterations}")
+        self.weight, self.iterations = float(weight), int(iterations)
+
+    def forward(self, logits, target, weights=None):
+        if weights is None:
+            weights = self.weight_maps(target)
+        base = super().forward(logits, target, weights)
+        probs = torch.sigmoid(logits.float())
+        valid = (weights > 0).to(device=logits.device, dtype=torch.float32).unsqueeze(1)
+        topology = cl_dice(probs, target.unsqueeze(1).float(), self.iterations, valid)
+        return base + self.weight * (1.0 - topology)
+
+
 def build_loss(name, num_classes, border_w0=10.0, border_sigma=5.0, border_cells="background"):
     """The loss called ``name`` (one of LOSSES) for a model with ``num_classes`` outputs; the border_*
     settings (BORDER_W0, BORDER_SIGMA, BORDER_CELLS) shape the weight map of "weighted_bce_dice".
 
     Raises UserError for an unknown name, or for a cross-entropy that does not fit the
-    task: "bce" and "weighted_bce_dice" need num_classes = 1 and "ce" needs num_classes >= 2.
+    task: "bce" and the "weighted_bce_*" losses need num_classes = 1 and "ce" needs num_classes >= 2.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -369,9 +441,10 @@ def build_loss(name, num_classes, border_w0=10.0, border_sigma=5.0, border_cells
         return CELoss()
     if key == "varce":
         return VarianceConstrainedCELoss()
-    if key == "weighted_bce_dice":
+    if key in ("weighted_bce_dice", "weighted_bce_cldice"):
         if num_classes != 1:
-            raise UserError(f"loss 'weighted_bce_dice' weighs the borders of binary maps (1 output channel), but "
+            raise UserError(f"loss '{key}' weighs the borders of binary maps (1 output channel), but "
                             f"this model has {num_classes} classes; use 'dice_bce'")
-        return WeightedBCEDiceLoss(border_w0, border_sigma, border_cells)
+        weighted = WeightedBCEDiceLoss if key == "weighted_bce_dice" else WeightedBCEClDiceLoss
+        return weighted(border_w0, border_sigma, border_cells)
     return DiceBCELoss()

@@ -23,7 +23,7 @@ import test as test_script
 import training
 from conftest import TINY
 from errors import UserError
-from loss import WeightedBCEDiceLoss, border_weight_map, build_loss
+from loss import WeightedBCEClDiceLoss, WeightedBCEDiceLoss, border_weight_map, build_loss, cl_dice, soft_skeleton
 from metrics import membrane_segments, rand_info_over_thresholds, rand_info_scores
 from tasks.em_cells import MERGED_COLOUR, cell_errors_picture, closed_membranes, membrane_map, merges_and_splits, \
     score_cells, watershed_membranes
@@ -210,6 +210,63 @@ def test_weighted_loss_is_for_binary_models():
         build_loss("weighted_bce_dice", 3)
     with pytest.raises(UserError, match="--border-sigma 0.0 is out of range"):
         main.parse_settings(["--border-sigma", "0"])
+
+
+# --- the topology term ----------------------------------------------------------------------------------
+
+def test_soft_skeleton_of_a_band_is_its_middle_line():
+    """A 5-px band, 2 erosions: the middle row, short of each end by 2 px; 1 erosion is too few for 5 px."""
+    band = torch.zeros(1, 1, 12, 20)
+    band[0, 0, 3:8, 2:18] = 1
+    expected = torch.zeros(12, 20)
+    expected[5, 4:16] = 1
+    assert torch.equal(soft_skeleton(band, 2)[0, 0], expected)
+    assert torch.equal(soft_skeleton(band, 3)[0, 0], expected)
+    assert soft_skeleton(band, 1).sum() == 0
+
+
+def gapped_band():
+    """A 3-px band across a 12 x 20 frame (rows 4-6) and the same band with columns 8-11 cut out."""
+    target = torch.zeros(1, 1, 12, 20)
+    target[0, 0, 4:7] = 1
+    gapped = target.clone()
+    gapped[..., 8:12] = 0
+    return target, gapped
+
+
+def test_cl_dice_by_hand_on_a_gap_in_a_band():
+    """True centreline: row 5, 20 px (the frame's edge does not erode), 4 of them in the gap, so
+    T_sens = (16 + 1) / (20 + 1); each piece's centreline (row 5 less the cut end: 7 px) lies in the
+    true band, T_prec = 1; clDice = 2 T_sens / (1 + T_sens) = 34 / 38. Without the gap pixels: 1."""
+    target, gapped = gapped_band()
+    assert cl_dice(target, target, iterations=1).item() == pytest.approx(1.0)
+    assert cl_dice(gapped, target, iterations=1).item() == pytest.approx(34 / 38, abs=1e-6)
+    valid = torch.ones_like(target)
+    valid[..., 8:12] = 0
+    assert cl_dice(gapped, target, iterations=1, valid=valid).item() == pytest.approx(1.0)
+
+
+def test_weighted_cl_dice_loss_adds_the_topology_term_and_pulls_on_the_gap():
+    target, gapped = gapped_band()
+    logits = (gapped * 8 - 4).requires_grad_(True)            # confident, and wrong in the gap
+    labels = target[:, 0].long()
+    weights = torch.ones(1, 12, 20)
+    loss = WeightedBCEClDiceLoss(weight=0.5, iterations=1)(logits, labels, weights=weights)
+    base = WeightedBCEDiceLoss()(logits, labels, weights=weights)
+    topology = cl_dice(torch.sigmoid(logits), target, iterations=1)
+    assert loss.item() == pytest.approx(base.item() + 0.5 * (1 - topology.item()), abs=1e-6)
+    assert topology.item() < 0.95
+    loss.backward()
+    assert (logits.grad[0, 0, 5, 8:12] < 0).all()             # raising the gap's logits lowers the loss
+
+
+def test_weighted_cl_dice_loss_is_built_by_name_for_binary_models():
+    loss = build_loss("weighted_bce_cldice", 1, 5.0, 3.0)
+    assert isinstance(loss, WeightedBCEClDiceLoss) and loss.uses_weight_map and (loss.w0, loss.sigma) == (5.0, 3.0)
+    with pytest.raises(UserError, match="binary maps"):
+        build_loss("weighted_bce_cldice", 2)
+    with pytest.raises(UserError, match="iterations >= 1"):
+        WeightedBCEClDiceLoss(iterations=0)
 
 
 # --- post-processing and the leaderboard's maximum ------------------------------------------------------

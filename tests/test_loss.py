@@ -167,7 +167,7 @@ def test_losses_are_float32_under_bfloat16_autocast(name, k):
 # --- registry ------------------------------------------------------------------------------------
 
 def test_build_loss_returns_each_loss():
-    assert LOSSES == ("dice", "bce", "ce", "dice_bce", "varce", "weighted_bce_dice")
+    assert LOSSES == ("dice", "bce", "ce", "dice_bce", "varce", "weighted_bce_dice", "weighted_bce_cldice")
     assert isinstance(build_loss("varce", 1), VarianceConstrainedCELoss)
     assert isinstance(build_loss("dice", 1), DiceLoss)
     assert isinstance(build_loss("dice", 5), DiceLoss)
