@@ -65,6 +65,7 @@ MASK_ENDINGS = ("", "_mask", "_fov")
 
 # --scale factors outside this range are almost surely a typo (and 10 x a photograph does not fit memory).
 SCALE_RANGE = (0.1, 10.0)
+UNIFORM_RANGE = 2   # grey levels: an image whose every channel spans no more is one colour (plus JPEG noise)
 
 CSV_COLUMNS = ("input", "name", "width", "height", "fov", "fov_fraction", "scale", "foreground_fraction",
                "seconds")
@@ -317,6 +318,12 @@ def pictures(image, prob, mask, foreground):
     return {"classes.png": classes, "overlay.png": overlay}
 
 
+def is_uniform(image):
+    """True for an (H, W, 3) image of one colour: no structure to segment, whatever the model outputs."""
+    channels = image.reshape(-1, image.shape[-1])
+    return int((channels.max(0).astype(np.int32) - channels.min(0)).max()) <= UNIFORM_RANGE
+
+
 def foreground_fraction(prob, mask, foreground):
     """The share of field-of-view pixels predicted as foreground (any class but 0); None for an empty FOV."""
     inside = int(mask.sum())
@@ -371,7 +378,7 @@ def predict_files(inputs, out, checkpoint, settings, given, fov_text=None, scale
     masks = mask_files(fov_wanted) if isinstance(fov_wanted, Path) else {}
     out = make_output_folder(out)  # only now: a bad flag or checkpoint leaves no empty folder
 
-    rows, skipped, names, empty = [], [], set(), []
+    rows, skipped, names, empty, uniform = [], [], set(), [], []
     with open(out / "predictions.csv", "w", newline="") as table:
         writer = csv.DictWriter(table, fieldnames=CSV_COLUMNS)
         writer.writeheader()
@@ -390,6 +397,8 @@ def predict_files(inputs, out, checkpoint, settings, given, fov_text=None, scale
                     tqdm.write(f"warning: skipped page {name} of {path}: another input has that name", file=sys.stderr)
                     continue
                 names.add(name)
+                if is_uniform(image):
+                    uniform.append(name)
                 page_start = time.perf_counter()
                 mask, fov_used = field_of_view(fov_wanted, image, name, path.stem, masks)
                 scale = image_scale(scale_wanted, image, mask, fov_used, reference)
@@ -409,4 +418,8 @@ def predict_files(inputs, out, checkpoint, settings, given, fov_text=None, scale
         print(f"warning: {len(empty)} of {len(rows)} masks have no foreground at threshold {settings['THRESHOLD']} "
               f"({named(empty, 5)}): an image unlike the model's training images in size (see --scale) or in "
               f"kind, or one with nothing to find", file=sys.stderr)
+    if uniform:
+        print(f"warning: {len(uniform)} of {len(rows)} images are a single colour ({named(uniform, 5)}): there is "
+              f"nothing in them to segment, so their masks mean nothing; check that these are the right files",
+              file=sys.stderr)
     return rows, skipped, out

@@ -246,14 +246,32 @@ def test_subfolders_and_other_files_are_named_not_read(resized, tmp_path, capsys
 def test_masks_without_foreground_are_warned_about(resized, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
-    for name in ("flat", "dark"):
-        Image.fromarray(np.full((24, 32, 3), 90 if name == "flat" else 0, np.uint8)).save(folder / f"{name}.png")
+    ramp = np.linspace(0, 200, 32, dtype=np.uint8)
+    for name, levels in (("ramp", ramp), ("dim", ramp // 8)):
+        Image.fromarray(np.broadcast_to(levels[None, :, None], (24, 32, 3)).copy()).save(folder / f"{name}.png")
     # No probability reaches 0.9999 for this untrained model, so every mask is empty.
     assert run(folder, "-o", tmp_path / "out", "--checkpoint", resized, "--threshold", "0.9999", *CPU) == 0
     assert all(float(row["foreground_fraction"]) == 0 for row in rows_of(tmp_path / "out"))
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and warnings[0].startswith("warning: 2 of 2 masks have no foreground at threshold "
-                                                         "0.9999 (dark, flat)")
+                                                         "0.9999 (dim, ramp)")
+
+
+def test_single_colour_images_are_warned_about(resized, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    noisy_black = rng.integers(0, 3, (24, 32, 3)).astype(np.uint8)  # JPEG-like noise of 2 grey levels
+    faint_line = np.full((24, 32, 3), 90, np.uint8)
+    faint_line[12] = 93  # 3 grey levels of structure: an image, however faint
+    for name, image in (("black", noisy_black), ("grey", np.full((24, 32, 3), (90, 60, 30), np.uint8)),
+                        ("line", faint_line)):
+        Image.fromarray(image).save(folder / f"{name}.png")
+    assert run(folder, "-o", tmp_path / "out", "--checkpoint", resized, *CPU) == 0
+    assert len(rows_of(tmp_path / "out")) == 3  # still predicted and written: the warning only says what they are
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "single colour" in line]
+    assert warnings == ["warning: 2 of 3 images are a single colour (black, grey): there is nothing in them to "
+                        "segment, so their masks mean nothing; check that these are the right files"]
 
 
 def test_missing_input_is_one_error(tmp_path, capsys):
