@@ -148,8 +148,11 @@ def write_isbi_volume(root, pages=10, label_pages=None, size=64):
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     slices = [em_slice(size, index) for index in range(max(pages, label_pages or 0))]
-    tifffile.imwrite(root / "train-volume.tif", np.stack([image for image, _ in slices[:pages]]))
-    tifffile.imwrite(root / "train-labels.tif", np.stack([label for _, label in slices[:label_pages or pages]]))
+    # minisblack: without it tifffile stores a stack of 3 or 4 pages as one RGB(A) page
+    tifffile.imwrite(root / "train-volume.tif", np.stack([image for image, _ in slices[:pages]]),
+                     photometric="minisblack")
+    tifffile.imwrite(root / "train-labels.tif", np.stack([label for _, label in slices[:label_pages or pages]]),
+                     photometric="minisblack")
     return root
 
 
