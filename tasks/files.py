@@ -46,7 +46,9 @@ def read_mask(path):
 
 def require_dir(path, what):
     if not Path(path).is_dir():
-        raise UserError(f"{what} folder {path} not found")
+        # Most often --data-root names another dataset's folder, or one unpacked a level too deep or shallow.
+        raise UserError(f"{what} folder {path} not found: is --data-root that dataset's folder, in the layout it is "
+                        f"distributed in, and does --dataset name it? (docs/datasets.md)")
     return Path(path)
 
 
