@@ -82,6 +82,7 @@ RANGES = {
     "LOG_EVERY": (lambda value: value >= 1, "at least 1"),
     "CHECKPOINT_EVERY": (lambda value: value >= 0, "at least 0 (0: only when stopped)"),
     "CHECKPOINT_MIN_SECONDS": (lambda value: value >= 0, "at least 0"),
+    "SNAPSHOT_EVERY": (lambda value: value >= 0, "at least 0 (0: no snapshots)"),
     "THRESHOLD": (lambda value: 0 < value < 1, "strictly between 0 and 1"),
     "IMAGE_SIZE": (lambda value: value > 0 and value % 32 == 0, "a positive multiple of 32, e.g. 448"),
     "PATCH_SIZE": (lambda value: value >= 0 and value % 32 == 0, "0 or a positive multiple of 32, e.g. 256"),

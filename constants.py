@@ -92,4 +92,6 @@ LOG_EVERY = 10                # steps between visdom / progress-bar loss updates
 CHECKPOINT_EVERY = 100        # steps between resume points (weights/<run>/last.pth); 0: only when stopped
 CHECKPOINT_MIN_SECONDS = 60   # and at least this long apart: a GPU takes 100 steps in ~4 s, and a 230 MB
                               # resume point every 4 s would cost it ~15 % of its time
+SNAPSHOT_EVERY = 0            # steps between kept copies of the weights (weights/<run>/step_<N>.pth, test.py
+                              # reads them): a learning curve in the test metric; 0: none
 RESUME = ""                   # a run's last.pth (or its folder): continue that run exactly where it stopped

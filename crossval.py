@@ -37,8 +37,7 @@ FOLDS = 5
 # Settings that name a run, say where it is watched, or describe the machine: they may differ between a
 # recorded fold and a new one without making its numbers stale.
 NOT_EXPERIMENT = {"RUN_NAME", "RESUME", "DEVICE", "AMP", "CHANNELS_LAST", "COMPILE", "DATA_ROOT", "WEIGHTS_DIR",
-                  "RESULTS_DIR", "VISDOM", "VISDOM_SERVER", "VISDOM_PORT", "LOG_EVERY", "CHECKPOINT_EVERY",
-                  "CHECKPOINT_MIN_SECONDS"}
+                  "RESULTS_DIR", *training.BOOKKEEPING}
 # Settings that change how a trained fold is scored, not how it is trained.
 SCORING = {"THRESHOLD", "POSTPROCESS", "WATERSHED_SEED", "TTA", "SPLIT", "PROTOCOL", "EVAL_SCALE"}
 # crossval.py sets these itself, fold by fold.

@@ -8,7 +8,8 @@
 
 Writes weights/<run>/final.pth (plus settings.json, train_log.csv and training_curve.png) and never
 replaces an earlier run. Every CHECKPOINT_EVERY steps (at least CHECKPOINT_MIN_SECONDS apart), and when
-stopped with Ctrl-C or SIGTERM, the run so far is saved to weights/<run>/last.pth.
+stopped with Ctrl-C or SIGTERM, the run so far is saved to weights/<run>/last.pth; --snapshot-every N also
+keeps the weights of every N-th step (weights/<run>/step_<N>.pth) for a learning curve in the test metric.
 """
 import argparse
 

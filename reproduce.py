@@ -61,7 +61,7 @@ BATCH_DEFAULTS = {"VISDOM": False}
 # recorded run and a new one without making the recorded numbers stale.
 PER_RUN_KEYS = {"MODEL", "SEED", "RUN_NAME", "RESUME"}
 MACHINE_KEYS = {"DEVICE", "AMP", "CHANNELS_LAST", "COMPILE", "DATA_ROOT", "WEIGHTS_DIR", "RESULTS_DIR",
-                "VISDOM", "VISDOM_SERVER", "VISDOM_PORT", "LOG_EVERY", "CHECKPOINT_EVERY", "CHECKPOINT_MIN_SECONDS"}
+                *training.BOOKKEEPING}
 
 # For the printed estimate: CE-Net trains ~225 images/s at 448 px, batch 8, bf16 + channels-last on one
 # H200 (benchmark.py, torch 2.11), scaling with pixel count; plus ~15 s a run for start-up, warm-up and the

@@ -81,9 +81,11 @@ def describe_input(settings, count):
     return f"{count} images resized to {settings['IMAGE_SIZE']}px"
 
 
-# What the command line may set anew for a resumed run: where and how it is watched, never what it computes.
-RESUMABLE_CHANGES = ("DEVICE", "VISDOM", "VISDOM_SERVER", "VISDOM_PORT", "LOG_EVERY", "CHECKPOINT_EVERY",
-                     "CHECKPOINT_MIN_SECONDS")
+# Settings that decide how a run is watched and saved, never what it computes.
+BOOKKEEPING = ("VISDOM", "VISDOM_SERVER", "VISDOM_PORT", "LOG_EVERY", "CHECKPOINT_EVERY", "CHECKPOINT_MIN_SECONDS",
+               "SNAPSHOT_EVERY")
+# What the command line may set anew for a resumed run.
+RESUMABLE_CHANGES = ("DEVICE", *BOOKKEEPING)
 
 
 class StopSignals:
@@ -129,7 +131,8 @@ def train(settings, given=frozenset()):
 
     Every CHECKPOINT_EVERY steps (at least CHECKPOINT_MIN_SECONDS apart), and when stopped by Ctrl-C or
     SIGTERM, the run so far goes to <run>/last.pth; `--resume <run>/last.pth` continues it bit for bit (same
-    weights as an uninterrupted run)."""
+    weights as an uninterrupted run). Every SNAPSHOT_EVERY steps the weights are also kept as <run>/step_<N>.pth,
+    a checkpoint test.py reads like final.pth."""
     settings, resume = resumed_settings(settings, given)
     device = devices.select_device(settings["DEVICE"])
     rank, world_size = devices.distributed_context(device)
@@ -174,6 +177,7 @@ def train(settings, given=frozenset()):
     log_lines = resume["log"] if resume else ["step,loss,lr"]
     earlier_seconds = resume.get("train_seconds", 0.0) if resume else 0.0
     log_every, checkpoint_every = settings["LOG_EVERY"], settings["CHECKPOINT_EVERY"]
+    snapshot_every = settings["SNAPSHOT_EVERY"]
     start = devices.timed(device)
     last_saved = time.monotonic()
     progress = progress_bar(trainer.total_steps, rank, initial=trainer.step_count)
@@ -185,6 +189,16 @@ def train(settings, given=frozenset()):
                                            pretrained=pretrained_status, train_seconds=round(seconds, 2),
                                            precision=precision,
                                            precisions=sorted(set(precisions) | {precision}))
+
+    def save_snapshot(step):
+        path = run_dir / f"step_{step}.pth"
+        if path.exists():  # written before a crash that came ahead of the next resume point: the same weights
+            return
+        framework.save_checkpoint(path, trainer.model, settings, step=step,
+                                  train_seconds=round(earlier_seconds + devices.timed(device) - start, 2),
+                                  pretrained=pretrained_status, world_size=world_size, git_commit=commit,
+                                  machine=devices.machine_name(device), precision=precision,
+                                  precisions=sorted(set(precisions) | {precision}))
 
     with StopSignals(enabled=world_size == 1) as stop:
         for step in range(trainer.step_count + 1, trainer.total_steps + 1):
@@ -198,6 +212,8 @@ def train(settings, given=frozenset()):
             if visdom.active and (step % sample_every == 0 or step == trainer.total_steps):
                 visdom.sample(*trainer.sample_prediction())
             progress.update(1)
+            if rank == 0 and snapshot_every and step % snapshot_every == 0 and step < trainer.total_steps:
+                save_snapshot(step)
             if stop.received is not None and step < trainer.total_steps:
                 progress.close()
                 visdom.close()

@@ -102,3 +102,38 @@ def test_an_empty_checkpoint_file_is_one_line(tmp_path):
     result = run_script("test.py", "--checkpoint", path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "is not a readable PyTorch checkpoint" in result.stderr
+
+
+def test_snapshots_hold_the_weights_of_their_step_and_survive_a_resume(small_drive, tmp_path, monkeypatch):
+    straight = training.train(*settings(small_drive, tmp_path, "straight", "--snapshot-every", "4",
+                                        "--checkpoint-every", "0"))
+    assert sorted(path.name for path in straight.glob("step_*.pth")) == ["step_4.pth", "step_8.pth"]
+
+    real_step = framework.Trainer.step
+
+    def step_then_sigterm(self):
+        loss = real_step(self)
+        if self.step_count == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(framework.Trainer, "step", step_then_sigterm)
+    with pytest.raises(SystemExit):
+        training.train(*settings(small_drive, tmp_path, "cut", "--snapshot-every", "4", "--checkpoint-every", "0"))
+    monkeypatch.undo()
+    resume_point = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)
+    assert resume_point["step"] == 4
+    for name in ("step_4.pth", "step_8.pth"):
+        snapshot = torch.load(straight / name, weights_only=True)
+        assert snapshot["step"] == int(name[5:-4]) and snapshot["format"] == framework.CHECKPOINT_FORMAT
+    snapshot = torch.load(straight / "step_4.pth", weights_only=True)
+    for key, value in resume_point["state_dict"].items():
+        assert torch.equal(snapshot["state_dict"][key], value), key
+    final = torch.load(straight / "final.pth", weights_only=True)
+    assert any(not torch.equal(final["state_dict"][key], value) for key, value in snapshot["state_dict"].items())
+
+    resumed = training.train(*main.parse_settings(["--resume", str(tmp_path / "cut" / "last.pth")]))
+    assert sorted(path.name for path in resumed.glob("step_*.pth")) == ["step_4.pth", "step_8.pth"]
+    again = torch.load(resumed / "step_8.pth", weights_only=True)
+    for key, value in torch.load(straight / "step_8.pth", weights_only=True)["state_dict"].items():
+        assert torch.equal(again["state_dict"][key], value), key
