@@ -97,6 +97,11 @@ def load_model(path, settings, given):
     if payload.get("format") == framework.CHECKPOINT_FORMAT:
         merged = settings_for(payload["settings"], settings, given, path)
         state_dict, num_classes = payload["state_dict"], payload["num_classes"]
+    elif payload.get("format") == framework.RESUME_FORMAT:  # a stopped run's last.pth: its own settings too
+        merged = settings_for(payload["settings"], settings, given, path)
+        state_dict, num_classes = payload["state_dict"], None
+        print(f"notice: {path} is a resume point; evaluating the weights of step {payload.get('step')}, before "
+              f"the run's last step", file=sys.stderr)
     else:
         merged = dict(settings)
         state_dict = payload.get("state_dict", payload.get("model", payload))

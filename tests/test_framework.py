@@ -1,5 +1,6 @@
 """Checkpoints, command-line constants and their ranges, recipes, run folders and the LR schedule."""
 import argparse
+import types
 
 import pytest
 import torch
@@ -203,3 +204,18 @@ def test_threshold_scan_finds_the_threshold_that_serves_these_images_best():
     assert "pass --threshold 0.2 to score test images" in evaluation.threshold_advice(scan, 2, "train")
     assert "choose it on training images (--split train)" in evaluation.threshold_advice(scan, 2, "test")
     assert evaluation.threshold_scan(tasks.dataset("lung"), samples, probs, 0.5) is None  # no pixel F1 there
+
+
+def test_a_resume_point_is_evaluated_with_the_settings_of_its_run(tmp_path, capsys):
+    model = networks.build_model("backbone_rmp")
+    with torch.no_grad():
+        model.encoder.conv1.weight.fill_(0.5)
+    trainer = types.SimpleNamespace(model=model, step_count=7, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                    scaler=torch.amp.GradScaler("cpu", enabled=False))
+    path = framework.save_resume_point(tmp_path / "last.pth", trainer, settings(MODEL="backbone_rmp", IMAGE_SIZE=64),
+                                       ["step,loss,lr"])
+    loaded, merged, _ = evaluation.load_model(path, settings(), frozenset())
+    assert merged["MODEL"] == "backbone_rmp" and merged["IMAGE_SIZE"] == 64
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert f"{path} is a resume point; evaluating the weights of step 7" in capsys.readouterr().err
