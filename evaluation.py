@@ -94,14 +94,13 @@ def load_model(path, settings, given):
 
     A bare state dict (no record of its training) is loaded into the model named by MODEL, for DATASET."""
     payload = framework.read_checkpoint(path)
-    if payload.get("format") == framework.CHECKPOINT_FORMAT:
+    if payload.get("format") in (framework.CHECKPOINT_FORMAT, framework.RESUME_FORMAT):
         merged = settings_for(payload["settings"], settings, given, path)
-        state_dict, num_classes = payload["state_dict"], payload["num_classes"]
-    elif payload.get("format") == framework.RESUME_FORMAT:  # a stopped run's last.pth: its own settings too
-        merged = settings_for(payload["settings"], settings, given, path)
-        state_dict, num_classes = payload["state_dict"], None
-        print(f"notice: {path} is a resume point; evaluating the weights of step {payload.get('step')}, before "
-              f"the run's last step", file=sys.stderr)
+        state_dict = payload["state_dict"]
+        num_classes = payload.get("num_classes")  # a resume point (a stopped run's last.pth) has none: its dataset's
+        if payload["format"] == framework.RESUME_FORMAT:
+            print(f"notice: {path} is a resume point; evaluating the weights of step {payload.get('step')}, "
+                  f"before the run's last step", file=sys.stderr)
     else:
         merged = dict(settings)
         state_dict = payload.get("state_dict", payload.get("model", payload))

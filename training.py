@@ -183,22 +183,26 @@ def train(settings, given=frozenset()):
     progress = progress_bar(trainer.total_steps, rank, initial=trainer.step_count)
     sample_every = max(1, log_every * 10)
 
+    def seconds_so_far():  # on a GPU, waits for the steps queued so far
+        return earlier_seconds + devices.timed(device) - start
+
     def save_point():
-        seconds = earlier_seconds + devices.timed(device) - start
         return framework.save_resume_point(run_dir / "last.pth", trainer, settings, log_lines,
-                                           pretrained=pretrained_status, train_seconds=round(seconds, 2),
+                                           pretrained=pretrained_status, train_seconds=round(seconds_so_far(), 2),
                                            precision=precision,
                                            precisions=sorted(set(precisions) | {precision}))
 
+    def save_weights(path, seconds):
+        return framework.save_checkpoint(path, trainer.model, settings, step=trainer.step_count,
+                                         train_seconds=round(seconds, 2), pretrained=pretrained_status,
+                                         world_size=world_size, git_commit=commit,
+                                         machine=devices.machine_name(device), precision=precision,
+                                         precisions=sorted(set(precisions) | {precision}))
+
     def save_snapshot(step):
         path = run_dir / f"step_{step}.pth"
-        if path.exists():  # written before a crash that came ahead of the next resume point: the same weights
-            return
-        framework.save_checkpoint(path, trainer.model, settings, step=step,
-                                  train_seconds=round(earlier_seconds + devices.timed(device) - start, 2),
-                                  pretrained=pretrained_status, world_size=world_size, git_commit=commit,
-                                  machine=devices.machine_name(device), precision=precision,
-                                  precisions=sorted(set(precisions) | {precision}))
+        if not path.exists():  # one written before a crash that came ahead of the next resume point holds these weights
+            save_weights(path, seconds_so_far())
 
     with StopSignals(enabled=world_size == 1) as stop:
         for step in range(trainer.step_count + 1, trainer.total_steps + 1):
@@ -226,7 +230,7 @@ def train(settings, given=frozenset()):
                 save_point()
                 last_saved = time.monotonic()
     progress.close()
-    seconds = earlier_seconds + devices.timed(device) - start  # waits for the GPU to finish the last steps
+    seconds = seconds_so_far()
     visdom.close()
 
     if rank == 0:
@@ -234,11 +238,7 @@ def train(settings, given=frozenset()):
         log_path.write_text("\n".join(log_lines) + "\n")
         report.training_curve_plot(log_path, run_dir / "training_curve.png",
                                    f"{networks.MODEL_TITLES[settings['MODEL']]} on {settings['DATASET']}")
-        path = framework.save_checkpoint(run_dir / "final.pth", trainer.model, settings, step=trainer.step_count,
-                                         train_seconds=round(seconds, 2), pretrained=pretrained_status,
-                                         world_size=world_size, git_commit=commit,
-                                         machine=devices.machine_name(device), precision=precision,
-                                         precisions=sorted(set(precisions) | {precision}))
+        path = save_weights(run_dir / "final.pth", seconds)
         (run_dir / "last.pth").unlink(missing_ok=True)  # final.pth holds all of it now
         print(f"saved {path} after {trainer.step_count} steps in {seconds:.1f}s; evaluate with: "
               f"python test.py --checkpoint {path}")
