@@ -141,7 +141,8 @@ PREPROCESS_TITLES = {"clahe": "CLAHE", "authors": "authors' preprocessing"}
 AUGMENT_TITLES = {"paper": "paper's augmentation", "authors_code": "authors' augmentation", "flips": "flips only",
                   "elastic": "elastic augmentation", "camera": "camera augmentation", "none": "no augmentation"}
 DATASET_TITLES = {"drive": "DRIVE", "chase": "CHASE_DB1", "drishti": "Drishti-GS1", "isbi2012": "ISBI 2012",
-                  "monuseg": "MoNuSeg", "monuseg_contour": "MoNuSeg as inside / contour", "glas": "GlaS",
+                  "isbi2012_stack": "ISBI 2012 with neighbouring slices", "monuseg": "MoNuSeg",
+                  "monuseg_contour": "MoNuSeg as inside / contour", "glas": "GlaS",
                   "origa": "ORIGA", "messidor": "Messidor", "rimone": "RIM-ONE"}
 EVAL_SCALE_TITLES = {"1": "training scale", "auto": "FOV-matched scale", "field": "field-angle-matched scale"}
 DEFAULT_TITLE = "Evaluated runs side by side"

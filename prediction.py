@@ -4,7 +4,9 @@ Inputs are image files and folders of them (PNG, JPEG, TIFF, BMP, GIF, PPM/PGM; 
 notice names the subfolders and other files a folder holds), read by tasks.pictures as the folder dataset
 reads its training images: grey, palette, transparency, EXIF orientation, 16-bit and float pixels are all
 handled there. A multi-page TIFF gives one image per page, named <stem>_p1, <stem>_p2, ...; every other image
-is named by its file stem.
+is named by its file stem. A model trained on stacked slices (isbi2012_stack) sees each slice between its
+neighbours, as in training: the pages of one multi-page TIFF form a stack, and so do consecutive single-image
+inputs (a folder of slices, in natural order).
 
 The model sees each image exactly as test.py shows a test image (inference.predict_samples, with the
 checkpoint's preprocessing, input size or native resolution, and PATCH_SCALE), one image at a time, so
@@ -51,7 +53,7 @@ import inference
 import report
 from errors import UserError
 import tasks
-from tasks.files import MASK_SUFFIXES, check_same_size, natural_key, read_mask
+from tasks.files import MASK_SUFFIXES, check_same_size, is_grey, natural_key, read_mask
 from tasks.pictures import UnreadableImage, read_picture_pages
 from tasks.sample import Sample
 
@@ -360,10 +362,75 @@ def csv_row(path, name, image, fov_used, mask, scale, fraction, seconds):
             "foreground_fraction": "" if fraction is None else f"{fraction:.4f}", "seconds": f"{seconds:.3f}"}
 
 
+def skip(skipped, entry, warning):
+    """Record a skipped input for the summary and say so at once, without breaking the progress bar."""
+    from tqdm import tqdm
+    skipped.append(entry)
+    tqdm.write(f"warning: {warning}", file=sys.stderr)
+
+
+def read_inputs(files, skipped):
+    """(path, name, image, seconds to read it) of every page of every file, in order, with a progress bar over
+    the files; a file that cannot be decoded is reported in one warning line, added to `skipped`, left out."""
+    from tqdm import tqdm
+    for path in tqdm(files, desc="predict", unit="file", file=sys.stderr, dynamic_ncols=True):
+        start = time.perf_counter()
+        try:
+            pages = read_pages(path)
+        except UnreadableImage as error:
+            skip(skipped, str(error), f"skipped: {error}")
+            continue
+        read_seconds = (time.perf_counter() - start) / len(pages)
+        for name, image in pages:
+            yield path, name, image, read_seconds
+
+
+def distinct_pages(entries, names, skipped):
+    """`entries` as (path, name, image, image, seconds), the image also the network's input, without a page
+    whose name another input already took (its outputs would overwrite that input's); `names` collects them."""
+    for path, name, image, read_seconds in entries:
+        if name in names:
+            skip(skipped, f"{path}: page {name} has the name of another input",
+                 f"skipped page {name} of {path}: another input has that name")
+            continue
+        names.add(name)
+        yield path, name, image, image, read_seconds
+
+
+def between_neighbours(entries, skipped):
+    """For a model trained on stacked slices (Dataset.stacks_slices): each entry's network input becomes the
+    slice with the one before it as red and the one after it as blue, as the training images were made
+    (tasks.em_cells.with_neighbours). The pages of one multi-page file form a stack, and so do consecutive
+    single-image inputs (a folder of slices in natural order); the first and last slice of a stack stand in
+    for their missing neighbour, and a slice of another size starts a new stack. A colour image has no grey to
+    stack: it is skipped with a warning. One slice is held in memory beyond the one being predicted, so a stack
+    of any length fits."""
+    waiting = None  # the slice waiting for its successor: (stack, entry, its grey, the grey of the one before)
+    for path, name, image, _, read_seconds in entries:
+        if not is_grey(image):
+            skip(skipped, f"{path}: {name} is a colour image; this model takes grey slices",
+                 f"skipped {name} of {path}: a colour image, and this model takes grey slices")
+            continue
+        stack, grey = (path if name != path.stem else None), image[..., 1]
+        same_stack = waiting is not None and waiting[0] == stack and waiting[2].shape == grey.shape
+        if waiting is not None:
+            yield stacked_entry(waiting[1], waiting[2], waiting[3], grey if same_stack else None)
+        waiting = (stack, (path, name, image, read_seconds), grey, waiting[2] if same_stack else None)
+    if waiting is not None:
+        yield stacked_entry(waiting[1], waiting[2], waiting[3], None)
+
+
+def stacked_entry(entry, grey, before, after):
+    """`entry` with its network input: red the slice before, green the slice, blue the slice after (a missing
+    neighbour: the slice itself)."""
+    path, name, image, read_seconds = entry
+    channels = [grey if before is None else before, grey, grey if after is None else after]
+    return path, name, image, np.stack(channels, axis=-1), read_seconds
+
+
 def predict_files(inputs, out, checkpoint, settings, given, fov_text=None, scale_text="1", save_float=False,
                   overwrite=False):
     """Predict every input and write the outputs; returns (rows written, warnings about skipped files, OUT)."""
-    from tqdm import tqdm
     files = collect_inputs(inputs)
     check_output_folder(out, overwrite)
     scale_wanted = scale_choice(scale_text)
@@ -379,41 +446,30 @@ def predict_files(inputs, out, checkpoint, settings, given, fov_text=None, scale
     out = make_output_folder(out)  # only now: a bad flag or checkpoint leaves no empty folder
 
     rows, skipped, names, empty, uniform = [], [], set(), [], []
+    entries = distinct_pages(read_inputs(files, skipped), names, skipped)
+    if spec.stacks_slices:
+        entries = between_neighbours(entries, skipped)
     with open(out / "predictions.csv", "w", newline="") as table:
         writer = csv.DictWriter(table, fieldnames=CSV_COLUMNS)
         writer.writeheader()
-        for path in tqdm(files, desc="predict", unit="file", file=sys.stderr, dynamic_ncols=True):
-            start = time.perf_counter()
-            try:
-                pages = read_pages(path)
-            except UnreadableImage as error:
-                skipped.append(str(error))
-                tqdm.write(f"warning: skipped: {error}", file=sys.stderr)
-                continue
-            read_seconds = (time.perf_counter() - start) / len(pages)
-            for name, image in pages:
-                if name in names:  # a page name equal to another file's stem
-                    skipped.append(f"{path}: page {name} has the name of another input")
-                    tqdm.write(f"warning: skipped page {name} of {path}: another input has that name", file=sys.stderr)
-                    continue
-                names.add(name)
-                if is_uniform(image):
-                    uniform.append(name)
-                page_start = time.perf_counter()
-                mask, fov_used = field_of_view(fov_wanted, image, name, path.stem, masks)
-                scale = image_scale(scale_wanted, image, mask, fov_used, reference)
-                prob = segment(model, image, scale, settings, device, fmt)
-                prob[:, ~mask] = 0
-                foreground = predicted_foreground(prob, settings["THRESHOLD"], spec, mask_options) & mask \
-                    if prob.shape[0] == 1 else None
-                write_image_outputs(out, name, image, prob, mask, foreground, save_float)
-                fraction = foreground_fraction(prob, mask, foreground)
-                if not fraction:
-                    empty.append(name)
-                seconds = read_seconds + time.perf_counter() - page_start
-                rows.append(csv_row(path, name, image, fov_used, mask, scale, fraction, seconds))
-                writer.writerow(rows[-1])
-                table.flush()  # a stopped run still leaves the rows of the images it finished
+        for path, name, image, network_input, read_seconds in entries:
+            if is_uniform(image):
+                uniform.append(name)
+            page_start = time.perf_counter()
+            mask, fov_used = field_of_view(fov_wanted, image, name, path.stem, masks)
+            scale = image_scale(scale_wanted, image, mask, fov_used, reference)
+            prob = segment(model, network_input, scale, settings, device, fmt)
+            prob[:, ~mask] = 0
+            foreground = predicted_foreground(prob, settings["THRESHOLD"], spec, mask_options) & mask \
+                if prob.shape[0] == 1 else None
+            write_image_outputs(out, name, image, prob, mask, foreground, save_float)
+            fraction = foreground_fraction(prob, mask, foreground)
+            if not fraction:
+                empty.append(name)
+            seconds = read_seconds + time.perf_counter() - page_start
+            rows.append(csv_row(path, name, image, fov_used, mask, scale, fraction, seconds))
+            writer.writerow(rows[-1])
+            table.flush()  # a stopped run still leaves the rows of the images it finished
     if empty:
         print(f"warning: {len(empty)} of {len(rows)} masks have no foreground at threshold {settings['THRESHOLD']} "
               f"({named(empty, 5)}): an image unlike the model's training images in size (see --scale) or in "

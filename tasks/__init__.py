@@ -11,7 +11,7 @@ from errors import UserError
 from tasks.chase import CHASE
 from tasks.drishti import DRISHTI, DRISHTI_CUP
 from tasks.drive import DRIVE
-from tasks.em_cells import ISBI2012
+from tasks.em_cells import ISBI2012, ISBI2012_STACK
 from tasks.folder import FOLDER
 from tasks.glas import GLAS
 from tasks.lung import LUNG
@@ -31,6 +31,7 @@ DATASETS = {
     "drishti_cup": DRISHTI_CUP,
     "lung": LUNG,
     "isbi2012": ISBI2012,
+    "isbi2012_stack": ISBI2012_STACK,
     "oct": OCT,
     "glas": GLAS,
     "monuseg": MONUSEG,

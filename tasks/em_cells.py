@@ -1,5 +1,7 @@
 """EM cell membranes (paper, Table IV): the ISBI 2012 challenge reader, V^Rand / V^Info scoring, and the
 membrane post-processings scoring may apply before thinning (POSTPROCESS)."""
+from dataclasses import replace
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -7,8 +9,8 @@ from skimage.segmentation import watershed
 
 from errors import UserError
 from metrics import foreground_mask, membrane_segments, rand_info_over_thresholds, rand_info_scores
-from tasks.files import MASK_SUFFIXES, check_same_size, files_by_stem, image_files, read_array, read_class_map, \
-    read_pairs, read_scan, require_dir, scan_to_rgb
+from tasks.files import MASK_SUFFIXES, check_same_size, files_by_stem, image_files, is_grey, natural_key, \
+    read_array, read_class_map, read_pairs, read_scan, require_dir, scan_to_rgb
 from tasks.sample import Dataset, Sample
 from tasks.splits import fold_names
 
@@ -45,6 +47,24 @@ def isbi_volume_samples(root):
             for index, (page, label) in enumerate(zip(volume, labels))}
 
 
+def with_neighbours(pages):
+    """(H, W, 3) uint8 images whose red, green and blue are the slice before, the slice itself and the one after,
+    for grey `pages` in stack order; the first and last slices stand in for their missing neighbour. Sections of
+    a serial EM stack lie 40-50 nm apart, so a membrane that is faint or oblique in one slice is often plain in
+    the next: the two neighbours give a 2-D network that third dimension at no extra cost."""
+    last = len(pages) - 1
+    return [np.stack([pages[max(index - 1, 0)], page, pages[min(index + 1, last)]], axis=-1)
+            for index, page in enumerate(pages)]
+
+
+def grey_slice(rgb, path):
+    """The grey values of a slice read as RGB; a colour slice has no single grey to stack."""
+    if not is_grey(rgb):
+        raise UserError(f"{path} is a colour image; stacking neighbouring slices needs grey slices "
+                        f"(use --dataset isbi2012 for colour images)")
+    return rgb[..., 1]
+
+
 def read_isbi2012(root, split, options):
     """ISBI 2012 EM: train-volume.tif + train-labels.tif, or images/ + labels/ with one file per slice.
     The challenge's test labels are secret, so the 30 training slices are cross-validated in contiguous
@@ -61,6 +81,26 @@ def read_isbi2012(root, split, options):
     names = fold_names(list(images), split, options, contiguous=True)
     labels = files_by_stem(label_dir, MASK_SUFFIXES)
     return read_pairs(names, images, labels, label_dir, read_scan, read_membrane_label)
+
+
+def read_isbi2012_stack(root, split, options):
+    """As read_isbi2012, each slice's image made of it and its two neighbours (with_neighbours): the pages of
+    train-volume.tif, or the files of images/ in natural order. A held-out slice's neighbours may be training
+    slices: their pixels are input, their labels are not read for it."""
+    if (root / ISBI_VOLUME).is_file():
+        samples = list(isbi_volume_samples(root).values())
+        stacked = with_neighbours([grey_slice(sample.image, root / ISBI_VOLUME) for sample in samples])
+        chosen = set(fold_names([sample.name for sample in samples], split, options, contiguous=True))
+        return [Sample(sample.name, image, sample.label)
+                for sample, image in zip(samples, stacked) if sample.name in chosen]
+    images = image_files(require_dir(root / "images", "ISBI 2012 slices"), (".png", ".tif", ".tiff"))
+    names = sorted(images, key=natural_key)
+    greys = [grey_slice(read_scan(images[name]), images[name]) for name in names]
+    stacked = dict(zip(names, with_neighbours(greys)))
+    label_dir = require_dir(root / "labels", "ISBI 2012 labels")
+    chosen = fold_names(names, split, options, contiguous=True)
+    return read_pairs(chosen, images, files_by_stem(label_dir, MASK_SUFFIXES), label_dir,
+                      lambda path: stacked[path.stem], read_membrane_label)
 
 
 # --- post-processing of the predicted membranes (POSTPROCESS) ---------------------------------------------
@@ -163,7 +203,8 @@ def cell_errors_picture(prob, sample, threshold, postprocess="none", watershed_s
     predicted = membrane_segments(membrane_map(prob, threshold, postprocess, watershed_seed))
     truth = membrane_segments(sample.label == 1)
     merged, split = merges_and_splits(predicted, truth)
-    picture = sample.image.astype(np.float32) * 0.55
+    # Green is the slice itself (an isbi2012_stack image holds its neighbours in red and blue).
+    picture = np.repeat(sample.image[..., 1:2], 3, axis=-1).astype(np.float32) * 0.55
     for cells, colour in ((set(merged) - set(split), MERGED_COLOUR), (set(split) - set(merged), SPLIT_COLOUR),
                           (set(merged) & set(split), MERGED_AND_SPLIT_COLOUR)):
         tinted = np.isin(truth, sorted(cells))
@@ -202,3 +243,6 @@ ISBI2012 = Dataset(read_isbi2012, num_classes=1, score=score_cells, notes=NOTES,
                    score_settings=("POSTPROCESS", "WATERSHED_SEED"), postprocessings=tuple(POSTPROCESSINGS),
                    extra_pictures=cell_pictures,
                    predicted_mask=membrane_map)
+
+# The same slices, labels and scoring; each image holds the slice and its two neighbours (read_isbi2012_stack).
+ISBI2012_STACK = replace(ISBI2012, reader=read_isbi2012_stack, scores_like="isbi2012", stacks_slices=True)

@@ -99,6 +99,11 @@ def grey_to_rgb(grey):
     return np.repeat(grey[..., None], 3, axis=2)
 
 
+def is_grey(rgb):
+    """Whether an (H, W, 3) image is one grey plane three times (as grey_to_rgb makes it)."""
+    return np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
+
+
 def window_to_uint8(array, low=0.5, high=99.5):
     """Deeper-than-8-bit data (16-bit or float CT) -> uint8 between its own `low` and `high`
     percentiles. Percentiles rather than min/max, so a few extreme pixels (metal, padding) do not

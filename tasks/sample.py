@@ -64,6 +64,9 @@ class Dataset:
     # Another dataset whose test images and reference this one scores in the same way, only with other training
     # labels (monuseg_contour: monuseg), so compare.py pairs their runs image by image. "": none.
     scores_like: str = ""
+    # Datasets of serial sections whose images are each slice with its two neighbours as red and blue
+    # (isbi2012_stack): predict.py then builds its inputs the same way from the pages or files it is given.
+    stacks_slices: bool = False
     # The paper's figures for this dataset, where it reports some, for results tables to print beside ours:
     # {"source": where and in which setting they were measured, "figures": {model: {metric: value}}}.
     paper: Optional[dict] = None

@@ -330,7 +330,7 @@ def test_the_row_keeps_its_keys_first_and_adds_the_leaderboard_maximum():
 
 def test_postprocess_is_refused_where_no_scoring_reads_it():
     settings = main.parse_settings(["--postprocess", "watershed"])[0]
-    with pytest.raises(UserError, match="applies to the scoring of isbi2012, monuseg, monuseg_contour only"):
+    with pytest.raises(UserError, match="applies to the scoring of isbi2012, isbi2012_stack, monuseg, monuseg_contour only"):
         evaluation.score_options(settings, tasks.dataset("drive"))
     assert evaluation.score_options({**settings, "DATASET": "isbi2012"}, tasks.dataset("isbi2012")) == \
         {"postprocess": "watershed", "watershed_seed": 0.2}

@@ -1,6 +1,7 @@
 """predict.py: test.py's probabilities on DRIVE, and any image a user may hand it (sizes, depths, pages,
 formats, damaged files), with tiny untrained checkpoints where only the plumbing is under test."""
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -404,5 +405,56 @@ def test_postprocess_is_refused_for_a_model_of_another_dataset(resized, tmp_path
     assert run(tmp_path / "a.png", "-o", tmp_path / "out", "--checkpoint", resized, "--postprocess", "watershed",
                *CPU) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("error: --postprocess watershed applies to the scoring of isbi2012, monuseg, monuseg_contour only")
+    assert line.startswith("error: --postprocess watershed applies to the scoring of isbi2012, isbi2012_stack, monuseg, monuseg_contour only")
     assert not (tmp_path / "out").exists()
+
+
+def grey_page(value, shape=(4, 5)):
+    return np.full((*shape, 3), value, np.uint8)
+
+
+def slice_entry(file_name, name, image):
+    """One entry as prediction.distinct_pages yields it: (path, name, image, network input, read seconds)."""
+    return Path(file_name), name, image, image, 0.0
+
+
+def test_stacked_inputs_take_their_neighbours_within_each_stack(capsys):
+    """Two single files (a stack of two), a three-page file (its own stack), a colour image (skipped, and no
+    one's neighbour), a single file (a stack of one: the three-page file parted it from the first two) and two
+    larger single files (a new stack: a slice of another size is no neighbour): red = the slice before, blue =
+    the slice after, the slice itself at the end of a stack."""
+    red = grey_page(0)
+    red[..., 0] = 255
+    entries = [slice_entry("a.png", "a", grey_page(10)), slice_entry("b.png", "b", grey_page(20)),
+               *[slice_entry("stack.tif", f"stack_p{n}", grey_page(n)) for n in (1, 2, 3)],
+               slice_entry("colour.png", "colour", red), slice_entry("c.png", "c", grey_page(30)),
+               slice_entry("d.png", "d", grey_page(40, (6, 5))), slice_entry("e.png", "e", grey_page(50, (6, 5)))]
+    skipped = []
+    inputs = {name: network_input[0, 0].tolist()
+              for _, name, _, network_input, _ in prediction.between_neighbours(iter(entries), skipped)}
+    assert inputs == {"a": [10, 10, 20], "b": [10, 20, 20], "stack_p1": [1, 1, 2], "stack_p2": [1, 2, 3],
+                      "stack_p3": [2, 3, 3], "c": [30, 30, 30], "d": [40, 40, 50], "e": [40, 50, 50]}
+    assert len(skipped) == 1 and "colour.png: colour is a colour image" in skipped[0]
+    assert "warning: skipped colour of colour.png" in capsys.readouterr().err
+
+
+def test_a_stack_model_sees_the_same_slices_from_pages_or_files(tmp_path):
+    """An isbi2012_stack model: a three-page TIFF and the same pages as three files give the same
+    probabilities, and the middle slice's differ from those of that slice predicted alone (its own neighbours)."""
+    checkpoint = tiny_checkpoint(tmp_path / "stack.pth", dataset="isbi2012_stack", PATCH_SIZE=32)
+    pages = np.random.default_rng(2).integers(0, 255, (3, 40, 48), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "volume.tif", pages, photometric="minisblack")
+    (tmp_path / "files").mkdir()
+    for index, page in enumerate(pages, start=1):
+        Image.fromarray(page).save(tmp_path / "files" / f"volume_p{index}.png")
+    (tmp_path / "alone").mkdir()
+    Image.fromarray(pages[1]).save(tmp_path / "alone" / "volume_p2.png")
+    for source in ("volume.tif", "files", "alone"):
+        assert run(tmp_path / source, "-o", tmp_path / f"out_{source}", "--checkpoint", checkpoint, "--save-float",
+                   *CPU) == 0
+    prob = {source: {index: tifffile.imread(tmp_path / f"out_{source}" / f"volume_p{index}_prob.tif")
+                     for index in ((1, 2, 3) if source != "alone" else (2,))}
+            for source in ("volume.tif", "files", "alone")}
+    for index in (1, 2, 3):
+        np.testing.assert_array_equal(prob["volume.tif"][index], prob["files"][index])
+    assert np.abs(prob["volume.tif"][2] - prob["alone"][2]).max() > 1e-4

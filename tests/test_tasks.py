@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import evaluation
 import fixtures
@@ -266,6 +267,42 @@ def test_isbi_slice_files_read_like_the_volume(tmp_path):
     for a, b in zip(volume, slices):
         assert np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label)
     assert set(np.unique(volume[0].label)) == {0, 1} and volume[0].label.mean() < 0.5  # membrane = 1
+
+
+def test_isbi_stack_puts_each_slice_between_its_neighbours_in_natural_order(tmp_path):
+    """isbi2012_stack: red = the slice before, green = the slice, blue = the slice after, by natural order
+    (12 files: slice10 follows slice9, not slice1); a held-out slice's neighbour may be a training slice, and
+    the ends of the stack stand in for their missing neighbour. Labels as isbi2012 reads them."""
+    root = fixtures.write_isbi_slices(tmp_path / "s", count=12)
+    grey = {sample.name: sample.image[..., 0] for sample in load("isbi2012", root, "all")}
+    for fold, names in ((0, ["slice0", "slice1", "slice2"]), (4, ["slice10", "slice11"])):
+        plain = load("isbi2012", root, "test", FOLD=fold)
+        stacked = load("isbi2012_stack", root, "test", FOLD=fold)
+        assert [sample.name for sample in stacked] == [sample.name for sample in plain] == names
+        for a, b in zip(stacked, plain):
+            index = int(a.name[5:])
+            before, after = f"slice{max(index - 1, 0)}", f"slice{min(index + 1, 11)}"
+            np.testing.assert_array_equal(a.image, np.stack([grey[before], grey[a.name], grey[after]], axis=-1))
+            np.testing.assert_array_equal(a.label, b.label)
+    assert not np.array_equal(grey["slice9"], grey["slice1"])
+
+
+def test_isbi_stack_reads_the_volume_as_the_slice_files(tmp_path):
+    volume = load("isbi2012_stack", fixtures.write_isbi_volume(tmp_path / "v", pages=10), "train", FOLD=2)
+    slices = load("isbi2012_stack", fixtures.write_isbi_slices(tmp_path / "s", count=10), "train", FOLD=2)
+    assert [sample.name for sample in volume] == [f"slice{index:02d}" for index in (0, 1, 2, 3, 6, 7, 8, 9)]
+    for a, b in zip(volume, slices):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label)
+    assert not np.array_equal(volume[3].image[..., 2], volume[3].image[..., 1])  # slice03's blue is slice04
+
+
+def test_isbi_stack_refuses_a_colour_slice_by_name(tmp_path):
+    root = fixtures.write_isbi_slices(tmp_path / "s", count=5)
+    colour = np.zeros((64, 64, 3), np.uint8)
+    colour[..., 0] = 200
+    Image.fromarray(colour).save(root / "images" / "slice3.png")
+    with pytest.raises(UserError, match=r"slice3.png is a colour image; stacking neighbouring slices needs grey"):
+        load("isbi2012_stack", root, "train")
 
 
 def test_isbi_without_either_layout(tmp_path):
