@@ -65,6 +65,14 @@ def grey_slice(rgb, path):
     return rgb[..., 1]
 
 
+def slice_files(root):
+    """{stem: path} of the per-slice images in images/; where neither layout is there, one error naming both."""
+    if not (root / "images").is_dir():
+        raise UserError(f"neither {root / ISBI_VOLUME} nor a per-slice {root / 'images'} folder found; "
+                        f"see docs/datasets.md for the ISBI 2012 layouts")
+    return image_files(root / "images", (".png", ".tif", ".tiff"))
+
+
 def read_isbi2012(root, split, options):
     """ISBI 2012 EM: train-volume.tif + train-labels.tif, or images/ + labels/ with one file per slice.
     The challenge's test labels are secret, so the 30 training slices are cross-validated in contiguous
@@ -72,12 +80,8 @@ def read_isbi2012(root, split, options):
     if (root / ISBI_VOLUME).is_file():
         samples = isbi_volume_samples(root)
         return [samples[name] for name in fold_names(list(samples), split, options, contiguous=True)]
-    if not (root / "images").is_dir():
-        raise UserError(f"neither {root / ISBI_VOLUME} nor a per-slice {root / 'images'} folder found; "
-                        f"see docs/datasets.md for the ISBI 2012 layouts")
-    image_dir = root / "images"
+    images = slice_files(root)
     label_dir = require_dir(root / "labels", "ISBI 2012 labels")
-    images = image_files(image_dir, (".png", ".tif", ".tiff"))
     names = fold_names(list(images), split, options, contiguous=True)
     labels = files_by_stem(label_dir, MASK_SUFFIXES)
     return read_pairs(names, images, labels, label_dir, read_scan, read_membrane_label)
@@ -93,7 +97,7 @@ def read_isbi2012_stack(root, split, options):
         chosen = set(fold_names([sample.name for sample in samples], split, options, contiguous=True))
         return [Sample(sample.name, image, sample.label)
                 for sample, image in zip(samples, stacked) if sample.name in chosen]
-    images = image_files(require_dir(root / "images", "ISBI 2012 slices"), (".png", ".tif", ".tiff"))
+    images = slice_files(root)
     names = sorted(images, key=natural_key)
     greys = [grey_slice(read_scan(images[name]), images[name]) for name in names]
     stacked = dict(zip(names, with_neighbours(greys)))

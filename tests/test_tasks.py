@@ -305,9 +305,10 @@ def test_isbi_stack_refuses_a_colour_slice_by_name(tmp_path):
         load("isbi2012_stack", root, "train")
 
 
-def test_isbi_without_either_layout(tmp_path):
+@pytest.mark.parametrize("name", ["isbi2012", "isbi2012_stack"])
+def test_isbi_without_either_layout(tmp_path, name):
     with pytest.raises(UserError, match="neither .*train-volume.tif nor"):
-        load("isbi2012", tmp_path, "train")
+        load(name, tmp_path, "train")
 
 
 def test_oct_kfold_without_lists(tmp_path):
