@@ -53,6 +53,7 @@ import inference
 import report
 from errors import UserError
 import tasks
+from tasks.em_cells import between
 from tasks.files import MASK_SUFFIXES, check_same_size, is_grey, natural_key, read_mask
 from tasks.pictures import UnreadableImage, read_picture_pages
 from tasks.sample import Sample
@@ -421,11 +422,9 @@ def between_neighbours(entries, skipped):
 
 
 def stacked_entry(entry, grey, before, after):
-    """`entry` with its network input: red the slice before, green the slice, blue the slice after (a missing
-    neighbour: the slice itself)."""
+    """`entry` with its network input, the slice between its neighbours (tasks.em_cells.between)."""
     path, name, image, read_seconds = entry
-    channels = [grey if before is None else before, grey, grey if after is None else after]
-    return path, name, image, np.stack(channels, axis=-1), read_seconds
+    return path, name, image, between(before, grey, after), read_seconds
 
 
 def predict_files(inputs, out, checkpoint, settings, given, fov_text=None, scale_text="1", save_float=False,

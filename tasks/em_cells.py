@@ -53,8 +53,14 @@ def with_neighbours(pages):
     a serial EM stack lie 40-50 nm apart, so a membrane that is faint or oblique in one slice is often plain in
     the next: the two neighbours give a 2-D network that third dimension at no extra cost."""
     last = len(pages) - 1
-    return [np.stack([pages[max(index - 1, 0)], page, pages[min(index + 1, last)]], axis=-1)
+    return [between(pages[index - 1] if index else None, page, pages[index + 1] if index < last else None)
             for index, page in enumerate(pages)]
+
+
+def between(before, grey, after):
+    """One stacked image: red the slice `before`, green `grey`, blue the slice `after`; a missing (None)
+    neighbour is the slice itself. The one convention the reader and predict.py share."""
+    return np.stack([grey if before is None else before, grey, grey if after is None else after], axis=-1)
 
 
 def grey_slice(rgb, path):
