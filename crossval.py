@@ -203,6 +203,20 @@ def load_records(path):
     return previous["records"]
 
 
+def table_command(argv):
+    """The command that rebuilds the whole table: --only picks the folds that run now, not the folds the table
+    holds, so a table finished by `--only 1,3,4` after `--only 0,2` is not credited to its last call."""
+    kept, skip_value = [], False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg == "--only":
+            skip_value = True
+        elif not arg.startswith("--only="):
+            kept.append(arg)
+    return "python crossval.py " + shlex.join(kept)
+
+
 # --- main ------------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -213,7 +227,7 @@ def main(argv=None):
     out_root = Path(base["RESULTS_DIR"])
     json_path = out_root / f"{table}.json"
     records = load_records(json_path)
-    command = "python crossval.py " + shlex.join(argv)
+    command = table_command(argv)
     plan = []
     for fold in range(args.folds):
         settings = fold_settings(base, given, args.name, fold, args.folds)

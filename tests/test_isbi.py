@@ -458,7 +458,10 @@ def test_crossval_runs_each_fold_once_and_scores_trained_folds_again(tmp_path, m
     assert all(record["protocol"]["postprocess"] == "closing" for record in closing["records"])
     crossval.main([*flags, "--table", "cv_one", "--only", "1", "--postprocess", "watershed"])
     assert "fold 0: left out (--only)" in capsys.readouterr().out
-    assert [record["fold"] for record in json.loads((tmp_path / "r" / "cv_one.json").read_text())["records"]] == [1]
+    one = json.loads((tmp_path / "r" / "cv_one.json").read_text())
+    assert [record["fold"] for record in one["records"]] == [1]
+    assert one["command"].startswith("python crossval.py --name cv --folds 2 ") and "--only" not in one["command"]
+    assert one["command"].endswith("--table cv_one --postprocess watershed")
     with pytest.raises(UserError, match="--fold does not apply to crossval.py"):
         crossval.main([*flags, "--fold", "1"])
     with pytest.raises(UserError, match="--only '7' must name folds between 0 and 1"):
