@@ -61,6 +61,9 @@ def settings_from(args):
     return settings, frozenset(given)
 
 
+ADAPT_BN_CHOICES = ("none", "train", "scored")
+
+
 def _scale_factor(text):
     """EVAL_SCALE as a number in PATCH_SCALE's range, or None."""
     try:
@@ -101,6 +104,7 @@ RANGES = {
     "WATERSHED_SEED": (lambda value: 0 < value < 1, "strictly between 0 and 1"),
     "PROTOCOL": (lambda value: value in ("ours", "authors"), "ours or authors"),
     "SPLIT": (lambda value: value in ("test", "train", "all"), "test, train or all"),
+    "ADAPT_BN": (lambda value: value in ADAPT_BN_CHOICES, " or ".join(ADAPT_BN_CHOICES)),
     "EVAL_SCALE": (lambda value: value in FOV_SCALE_RULES or _scale_factor(value) is not None,
                    "auto, field or a number in [0.25, 4], e.g. 1"),
 }

@@ -147,6 +147,7 @@ DATASET_TITLES = {"drive": "DRIVE", "chase": "CHASE_DB1", "drishti": "Drishti-GS
 EVAL_SCALE_TITLES = {"1": "training scale", "auto": "FOV-matched scale", "field": "field-angle-matched scale"}
 DEFAULT_TITLE = "Evaluated runs side by side"
 SPLIT_TITLES = {"train": "training images", "all": "training and test images"}
+ADAPT_BN_TITLES = {"train": "BatchNorm re-estimated on the training images", "scored": "BatchNorm re-estimated on the scored images"}
 
 
 def carried_runs(table_path):
@@ -191,7 +192,7 @@ def distinct_titles(runs):
             ("trained_on", trained_on), ("loss", lambda run: run.get("loss")),
             ("augment", lambda run: run.get("augment")), ("crops", crops_of), ("preprocess", preprocess_of),
             ("scale", scale_of), ("eval_scale", eval_scale_of), ("steps", lambda run: run.get("steps")),
-            ("tta", tta_of), ("split", split_of), ("postprocess", postprocess_of))}
+            ("tta", tta_of), ("split", split_of), ("postprocess", postprocess_of), ("adapt_bn", adapt_bn_of))}
         for run in group:
             parts = [run["title"]]
             if differ["trained_on"]:
@@ -210,8 +211,10 @@ def distinct_titles(runs):
                 parts.append(EVAL_SCALE_TITLES.get(eval_scale_of(run), f"{eval_scale_of(run)}x prediction scale"))
             if differ["postprocess"] and postprocess_of(run) != "none":
                 parts.append(f"{postprocess_of(run)} post-processing")
+            if differ["adapt_bn"] and adapt_bn_of(run) != "none":
+                parts.append(ADAPT_BN_TITLES.get(adapt_bn_of(run), f"BatchNorm re-estimated ({adapt_bn_of(run)})"))
             told_apart = ("trained_on", "loss", "augment", "crops", "preprocess", "scale", "eval_scale", "tta", "split",
-                          "postprocess")
+                          "postprocess", "adapt_bn")
             if differ["steps"] or not any(differ[name] for name in told_apart):
                 parts.append(f"{run.get('steps')} steps")
             if differ["tta"] and not tta_of(run):
@@ -260,6 +263,10 @@ def scale_of(run):
 
 def postprocess_of(run):
     return run.get("protocol", {}).get("postprocess", "none")
+
+
+def adapt_bn_of(run):
+    return run.get("protocol", {}).get("adapt_bn", "none")
 
 
 def tta_of(run):
@@ -313,6 +320,8 @@ def evaluation_command(checkpoint, protocol):
         words.append(f"--protocol {protocol['scoring']}")
     if protocol.get("postprocess", "none") != "none":
         words.append(f"--postprocess {protocol['postprocess']}")
+    if protocol.get("adapt_bn", "none") != "none":
+        words.append(f"--adapt-bn {protocol['adapt_bn']}")
     return " ".join(words)
 
 

@@ -85,6 +85,9 @@ EVAL_SCALE = "1"              # models trained on crops (PATCH_SIZE): "1" predic
                               # dataset's images (CHASE_DB1's FOV is 915 px); "field" also matches the
                               # cameras' field angles (DRIVE 45, CHASE_DB1 30 degrees): equal pixels per
                               # degree of retina; a number multiplies PATCH_SCALE
+ADAPT_BN = "none"             # test.py: none; train (re-estimate every BatchNorm's running statistics on the scored
+                              # dataset's training images, labels unused, before predicting: AdaBN, for a model
+                              # carried to another camera); scored (on the very images being scored)
 VISDOM_SERVER = "http://localhost"
 VISDOM_PORT = 8097
 VISDOM = True                 # log to visdom when a server answers; training goes on without

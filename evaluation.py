@@ -245,6 +245,30 @@ def evaluation_scales(samples, settings, trained_dataset):
     return scales
 
 
+def adapt_batchnorm(model, settings, device, fmt, trained_dataset, scored, scored_scales):
+    """ADAPT_BN: the BatchNorm statistics measured again (inference.adapt_batchnorm) on the scored dataset's
+    training images ("train": none of their labels is read for it) or on the scored images themselves ("scored"),
+    each at the scale it would be predicted at. Returns the names of the images used (None: not adapted)."""
+    choice = settings.get("ADAPT_BN", "none")
+    if choice == "none":
+        return None
+    if choice == "scored":
+        samples, scales = scored, scored_scales
+    else:
+        samples = tasks.load_split(settings["DATASET"], settings["DATA_ROOT"], "train",
+                                   tasks.SplitOptions.from_settings(settings))
+        scales = evaluation_scales(samples, settings, trained_dataset)
+    layers = inference.adapt_batchnorm(model, samples, device, amp=settings["AMP"], fmt=fmt,
+                                       preprocess=settings["PREPROCESS"], scales=scales,
+                                       image_size=None if settings["PATCH_SIZE"] else settings["IMAGE_SIZE"])
+    if not layers:
+        raise UserError(f"--adapt-bn {choice}: the {settings['MODEL']} model has no BatchNorm layer whose "
+                        f"statistics could be measured again; use --adapt-bn none")
+    print(f"BatchNorm statistics of {layers} layers re-estimated on {len(samples)} {settings['DATASET']} "
+          f"{'training' if choice == 'train' else 'scored'} images (labels unused)", file=sys.stderr)
+    return [sample.name for sample in samples]
+
+
 def predict_at_scales(model, samples, device, settings, fmt, scales, restore_size):
     """inference.predict_samples with one PATCH_SCALE per sample (`scales`, None: the checkpoint's):
     the samples that share a scale go through together, and come back in their own order."""
@@ -313,6 +337,7 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
     trained_dataset = payload.get("dataset", settings["DATASET"]) \
         if payload.get("format") == framework.CHECKPOINT_FORMAT else settings["DATASET"]
     scales = evaluation_scales(samples, settings, trained_dataset)
+    adapted_on = adapt_batchnorm(model, settings, device, fmt, trained_dataset, samples, scales)
     out = Path(out_dir) if out_dir else Path(settings["RESULTS_DIR"]) / Path(checkpoint).parent.name
     out = framework.new_run_dir(out.parent, out.name)  # only now: a bad input leaves no empty folder
 
@@ -360,6 +385,7 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
         "input": input_description(settings, scales),
         "eval_scale": settings.get("EVAL_SCALE", "1"),
         "scales": None if scales is None else dict(zip((sample.name for sample in samples), scales)),
+        "adapt_bn": settings.get("ADAPT_BN", "none"), "adapt_bn_images": adapted_on,
         "preprocess": settings["PREPROCESS"], "tta": settings["TTA"], "threshold": settings["THRESHOLD"],
         "amp": devices.amp_dtype(device, settings["AMP"]) is not None,
         "precision": devices.precision_name(device, settings["AMP"]), "device": str(device),
@@ -374,6 +400,9 @@ def evaluate(checkpoint, settings, given=frozenset(), out_dir=None):
     })
     report.write_text(out / "metrics.md", f"# {settings['MODEL']} on {settings['DATASET']} {split}\n\n"
                                           f"{protocol['evaluation']}\n\n"
+                                          + (f"BatchNorm statistics re-estimated before prediction (--adapt-bn "
+                                             f"{protocol['adapt_bn']}) on {len(adapted_on)} images, labels "
+                                             f"unused.\n\n" if adapted_on else "")
                                           + "".join(f"{name.replace('_', ' ').capitalize()}: {value}\n\n"
                                                     for name, value in options.items() if not as_authors)
                                           + (threshold_advice(scan, len(samples), split) + ".\n\n" if scan else "")

@@ -8,6 +8,7 @@ PATCH_SIZE training, resized by PATCH_SCALE) and returns probabilities at each i
 import sys
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import data
@@ -92,6 +93,51 @@ def predict_resized(model, samples, device, size, *, tta, amp, fmt, preprocess="
         return list(probs)
     return [F.interpolate(prob[None], size=sample.label.shape, mode="bilinear", align_corners=False)[0]
             for sample, prob in zip(samples, probs)]
+
+
+def native_inputs(samples, scale, preprocess):
+    """uint8 images (N, 3, side, side) as `predict_native` gives them to the network: resized by `scale`,
+    zero-padded at the bottom and right to a square whose side is a multiple of 32."""
+    images, _ = data.stack_native(samples, 1, scale, preprocess)
+    return data.pad_to_square(images, data.padded_side(*images.shape[-2:]))
+
+
+@torch.no_grad()
+def adapt_batchnorm(model, samples, device, *, amp, fmt, preprocess="ours", scales=None, image_size=None):
+    """Re-estimate every BatchNorm's running mean and variance on `samples` (AdaBN, Li et al., "Revisiting
+    batch normalization for practical domain adaptation", 2016): images of another camera or stain shift each
+    layer's feature statistics away from those stored in training, and the labels are not needed to measure
+    them again. Each image goes through once, as prediction will see it (whole, resized by its entry of
+    `scales`, or to `image_size` for a model trained on resized images), and each layer's new statistics are
+    the plain average of the per-image batch statistics (momentum None); learned weights stay as they were.
+    Returns the number of BatchNorm layers changed (0: the model has none, and nothing happens)."""
+    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    momenta = [norm.momentum for norm in norms]
+    model.eval()  # dropout stays off; only the BatchNorm layers measure
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+        norm.train()
+    try:
+        for index, sample in enumerate(samples):
+            if image_size:
+                image = data.resize_image(sample.image, image_size, preprocess)[None]
+            else:
+                image = native_inputs([sample], scales[index] if scales else 1.0, preprocess)
+            side = image.shape[-1]
+            if side * side > WHOLE_IMAGE_PIXELS:  # as prediction would: one window, here the central one
+                top, left = ((length - TILE_SIDE) // 2 for length in image.shape[-2:])
+                image = image[..., top:top + TILE_SIDE, left:left + TILE_SIDE]
+            image = data.normalize(image.to(device), preprocess).contiguous(memory_format=fmt)
+            with autocast(device, amp):
+                model(image)
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.eval()
+    return len(norms)
 
 
 def predict_native(model, samples, device, *, tta, amp, fmt, preprocess="ours", scale=1.0):

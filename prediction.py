@@ -430,6 +430,9 @@ def stacked_entry(entry, grey, before, after):
 def predict_files(inputs, out, checkpoint, settings, given, fov_text=None, scale_text="1", save_float=False,
                   overwrite=False):
     """Predict every input and write the outputs; returns (rows written, warnings about skipped files, OUT)."""
+    if settings.get("ADAPT_BN", "none") != "none":
+        raise UserError("--adapt-bn is for test.py, which scores a dataset; predict.py keeps the model's own "
+                        "BatchNorm statistics: leave --adapt-bn out")
     files = collect_inputs(inputs)
     check_output_folder(out, overwrite)
     scale_wanted = scale_choice(scale_text)

@@ -12,8 +12,9 @@ mask) and writes to results/<run>/: probability maps, binary masks and overlays 
 metrics.json and metrics.md. Model settings come from the checkpoint; device, threshold, TTA and
 folders from constants.py and the flags given here. --dataset may name another dataset of the checkpoint's
 family (drive <-> chase), --eval-scale auto brings its images to the training set's field-of-view size,
---eval-scale field also to its pixels per degree of retina, and --split all scores training and test images
-(docs/datasets.md).
+--eval-scale field also to its pixels per degree of retina, --adapt-bn train measures the model's BatchNorm
+statistics again on that dataset's training images (labels unused) before predicting, and --split all scores
+training and test images (docs/datasets.md).
 """
 import argparse
 import sys

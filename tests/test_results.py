@@ -228,6 +228,18 @@ def test_evaluation_command_names_the_other_dataset_its_folder_scale_and_split()
         "python test.py --checkpoint d.pth --dataset chase --data-root /data/CHASEDB1 --eval-scale auto"
     at_home = {**away, "trained_on": "chase", "eval_scale": "1", "split": "all"}
     assert comparison.evaluation_command("c.pth", at_home) == "python test.py --checkpoint c.pth --split all"
+    adapted = {**away, "adapt_bn": "train"}
+    assert comparison.evaluation_command("d.pth", adapted) == ("python test.py --checkpoint d.pth --dataset chase "
+                                                               "--data-root /data/CHASEDB1 --eval-scale auto "
+                                                               "--adapt-bn train")
+
+
+def test_runs_told_apart_by_batchnorm_adaptation():
+    runs = [{"model": "cenet", "loss": "dice_bce", "steps": 1400, "protocol": {"adapt_bn": choice}}
+            for choice in ("none", "train", "scored")]
+    assert [run["title"] for run in comparison.distinct_titles(runs)] == [
+        "CE-Net", "CE-Net, BatchNorm re-estimated on the training images",
+        "CE-Net, BatchNorm re-estimated on the scored images"]
 
 
 def test_runs_of_one_model_are_told_apart_by_training_data_and_prediction_scale():
