@@ -147,7 +147,8 @@ DATASET_TITLES = {"drive": "DRIVE", "chase": "CHASE_DB1", "drishti": "Drishti-GS
 EVAL_SCALE_TITLES = {"1": "training scale", "auto": "FOV-matched scale", "field": "field-angle-matched scale"}
 DEFAULT_TITLE = "Evaluated runs side by side"
 SPLIT_TITLES = {"train": "training images", "all": "training and test images"}
-ADAPT_BN_TITLES = {"train": "BatchNorm re-estimated on the training images", "scored": "BatchNorm re-estimated on the scored images"}
+ADAPT_BN_TITLES = {"train": "BatchNorm re-estimated on the training images",
+                   "scored": "BatchNorm re-estimated on the scored images"}
 
 
 def carried_runs(table_path):

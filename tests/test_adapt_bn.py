@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import evaluation
 import fixtures
@@ -120,7 +121,6 @@ def test_drive_model_adapted_to_chase_training_images(tmp_path, capsys):
 def test_predict_refuses_adapt_bn(tmp_path):
     image = tmp_path / "in" / "a.png"
     image.parent.mkdir()
-    from PIL import Image
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(image)
     chosen, given = main.parse_settings(["--adapt-bn", "scored", "--device", "cpu"])
     with pytest.raises(UserError, match="--adapt-bn is for test.py"):
