@@ -477,10 +477,16 @@ def paper_figures(run):
 
 
 def fold_lines(runs, metric_names):
-    """Mean ± std over folds (one value per fold: the mean of its test images) of the cross-validated runs."""
+    """Mean ± std over folds (one value per fold: the mean of its test images) of the runs with two folds or
+    more; a single fold has no spread to show, and its mean is the image mean of the table above."""
     body = [[run["title"], folds_cell(run)] + [summary_cell(run["over_folds"].get(name)) for name in metric_names]
-            for run in runs if run.get("folds")]
-    return ["### Mean ± std over folds", "", report.markdown_table(["model", "folds"] + metric_names, body)]
+            for run in runs if len(run.get("folds") or []) > 1]
+    if not body:
+        return []
+    single = sum(1 for run in runs if len(run.get("folds") or []) == 1)
+    note = ([f"Left out: {single} run{'s' if single > 1 else ''} of a single fold (no spread over folds; the mean "
+             f"over its images is above).", ""] if single else [])
+    return ["### Mean ± std over folds", "", report.markdown_table(["model", "folds"] + metric_names, body)] + note
 
 
 def copy_figures(run, out, prefix, overlay):

@@ -193,7 +193,9 @@ def test_crossval_tables_pair_slice_by_slice_with_the_papers_figures_beside(tmp_
     assert lead["eval_command"] == "python test.py --checkpoint weights/cells_fold<K>/final.pth --postprocess watershed"
     assert "| CE-Net | 0, 1 of 5 | 1200 |" in page and "| 0.9743 | 0.9878 |" in page    # Table IV beside ours
     assert "| Backbone | 0 of 5 | 1200 |" in page and "| 0.9569 | 0.9716 |" in page
-    assert "| Backbone | 0 of 5 | 0.8350 ± 0.0000 |" in page    # over folds: one fold, its mean
+    over_folds = page.split("### Mean ± std over folds")[1]
+    assert "| CE-Net | 0, 1 of 5 | 0.8750 ± " in over_folds          # fold means 0.85 and 0.90
+    assert "| Backbone |" not in over_folds and "Left out: 1 run of a single fold" in over_folds
     with pytest.raises(UserError, match="no cross-validated fold"):
         comparison.write("isbi", "t", [tmp_path / "isbi.json"], tmp_path)
 
@@ -210,6 +212,7 @@ def test_a_lever_on_one_fold_sits_beside_that_fold_of_a_finished_table(tmp_path)
     assert lead["summary"]["VRand"]["mean"] == pytest.approx(0.85)      # fold 0's slices, not all six
     assert lead["train_seconds"] == 600.0 and lead["train_commit"] == "abc123"
     assert "mean ± std over the 2 images" in md_path.read_text()
+    assert "Mean ± std over folds" not in md_path.read_text()      # one fold each: no spread to show
     with pytest.raises(UserError, match=r"cells_plain.json has no fold 2 \(folds done: 0\)"):
         comparison.write("levers", "t", [recipe, lever], tmp_path, folds=[0, 2])
 
