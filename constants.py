@@ -21,6 +21,9 @@ CROP_SIZE = 800               # optic disc (ORIGA, Messidor): side of the crop a
 FOLDER_CLASSES = 0            # DATASET "folder" (your own data, docs/folder_dataset.md): 0 lets the training labels
                               # decide (one nonzero value: binary; more: one class per distinct value,
                               # sorted); K >= 2 declares K classes stored as 0..K-1 (2: binary, nonzero = 1)
+LABEL_THRESHOLD = 0           # DATASET "folder": 0 reads labels as stored; T > 0 reads them (and masks) as binary
+                              # masks, foreground where the value is >= T: JPEG masks (Kvasir-SEG's), whose
+                              # compression smears 0/255 along every edge, are then accepted
 PREPROCESS = "ours"           # ours: RGB, ImageNet mean/std; authors: as the authors' code (BGR, x/255*3.2-1.6);
                               # clahe: ours after per-channel CLAHE (see data.PREPROCESSINGS).
                               # Checkpoints record theirs, and test.py follows the checkpoint

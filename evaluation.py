@@ -28,7 +28,7 @@ from errors import UserError
 # still change the evaluation size or the fold (with a notice); the model must match, and so must the dataset
 # unless both are of one family (compatible_datasets: a DRIVE model scored on CHASE_DB1, no retraining).
 MODEL_KEYS = ("MODEL", "DATASET", "IMAGE_SIZE", "PATCH_SIZE", "PATCH_SCALE", "PREPROCESS", "FOLD", "NUM_FOLDS",
-              "CROP_SIZE", "CLASS_VALUES")
+              "CROP_SIZE", "CLASS_VALUES", "LABEL_THRESHOLD")
 
 # How the authors' released CE-Net was trained and tested (their main.py and test_cenet.py): whole images
 # resized to 448, their preprocessing.

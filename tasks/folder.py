@@ -51,16 +51,21 @@ def require_folder(folder, what):
     return folder
 
 
-def annotation_files(folder, what, images, announce=True):
+def annotation_files(folder, what, images, announce=True, threshold=0):
     """{image name: path} of the lossless files in `folder` for `images` ({name: path}; see `paired_by_image`),
-    refusing a lossy one outright: JPEG changes the stored values along every edge, which turns a class map
-    into noise."""
+    refusing a lossy one: JPEG changes the stored values along every edge, which turns a class map into noise.
+    With a label threshold (binary masks read as value >= threshold) JPEG files are read too: the threshold
+    undoes the smearing of a 0/255 mask."""
+    if threshold:
+        return paired_by_image(files_by_stem(folder, IMAGE_SUFFIXES), images, folder, what, announce)
     lossy = files_by_stem(folder, LOSSY_SUFFIXES)
     found = files_by_stem(folder, MASK_SUFFIXES)
     for stem, path in lossy.items():
         if stem not in found:
             raise UserError(f"{what} {path} is a lossy {path.suffix} file, whose compression changes the values "
-                            f"along every edge; save it losslessly as {folder / stem}.png")
+                            f"along every edge; if the {what}s are binary masks (Kvasir-SEG's are JPEG), read them "
+                            f"with --label-threshold 128 (foreground where the value is at least 128), else save "
+                            f"them losslessly (PNG) from their source")
     return paired_by_image(found, images, folder, what, announce)
 
 
@@ -135,10 +140,13 @@ def read_picture(path):
     return pages[0]
 
 
-def read_stored_label(path):
+def read_stored_label(path, threshold=0):
     """A label's stored values as an (H, W) integer array. A colour label counts a pixel by its strongest channel
-    (a red-on-black mask reads as its red values), unless that would merge two of its colours into one class."""
+    (a red-on-black mask reads as its red values), unless that would merge two of its colours into one class.
+    With `threshold` > 0 the label is a binary mask: 1 where that value is at least `threshold`, else 0."""
     array = read_array(path)
+    if threshold:
+        return thresholded(array, threshold, path)
     if array.ndim == 3 and array.shape[-1] in (3, 4):
         colour = array[..., :3]
         strongest = colour.max(axis=-1)
@@ -156,6 +164,16 @@ def read_stored_label(path):
                             f"number per class")
         array = array.astype(np.int64)
     return array
+
+
+def thresholded(array, threshold, path):
+    """A binary mask (uint8 0/1) of a stored label: a pixel's value (a colour one's strongest channel, whose
+    colours a lossy file has smeared anyway) at least `threshold`."""
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        array = array[..., :3].max(axis=-1)
+    if array.ndim != 2:
+        raise UserError(f"label {path} has shape {array.shape}; expected one 2-D label image")
+    return (array >= threshold).astype(np.uint8)
 
 
 def distinct_colours(colour):
@@ -193,8 +211,8 @@ def to_classes(stored, values, path):
     return index.astype(np.uint8)
 
 
-def read_region(path, image, image_path):
-    region = read_mask(path)
+def read_region(path, image, image_path, threshold=0):
+    region = read_stored_label(path, threshold).astype(bool) if threshold else read_mask(path)
     check_same_size(image, region, image_path, path)
     if not region.any():
         raise UserError(f"mask {path} has no pixel inside (all 0), so nothing of {image_path} could be scored; "
@@ -202,11 +220,11 @@ def read_region(path, image, image_path):
     return region
 
 
-def read_sample(name, image_path, label_path, mask_path, values):
+def read_sample(name, image_path, label_path, mask_path, values, threshold=0):
     image = read_picture(image_path)
-    stored = read_stored_label(label_path)
+    stored = read_stored_label(label_path, threshold)
     check_same_size(image, stored, image_path, label_path)
-    region = read_region(mask_path, image, image_path) if mask_path is not None else None
+    region = read_region(mask_path, image, image_path, threshold) if mask_path is not None else None
     return Sample(name, image, to_classes(stored, values, label_path), region)
 
 
@@ -214,20 +232,22 @@ def read_folder(root, split, options):
     """The samples of `split` (docs/folder_dataset.md): ROOT/test when there is one, else fold FOLD of NUM_FOLDS
     of ROOT/train; labels read with the classes a checkpoint recorded (CLASS_VALUES), else decided now."""
     root = Path(root)
-    values = tuple(options.class_values) or decide_classes(root, options.folder_classes)
+    threshold = options.label_threshold
+    check_threshold(threshold, 0)
+    values = tuple(options.class_values) or decide_classes(root, options.folder_classes, threshold)
     folder, as_fold = split_folder(root, split)
     image_dir = require_folder(folder / "images", f"{folder.name} images")
     label_dir = require_folder(folder / "labels", f"{folder.name} labels")
     images = image_files(image_dir, IMAGE_SUFFIXES)
-    labels = annotation_files(label_dir, "label", images)
+    labels = annotation_files(label_dir, "label", images, threshold=threshold)
     mask_dir = folder / "masks"
-    masks = annotation_files(mask_dir, "mask", images) if mask_dir.is_dir() else None
+    masks = annotation_files(mask_dir, "mask", images, threshold=threshold) if mask_dir.is_dir() else None
     names = fold_names(list(images), split, options) if as_fold else sorted(images)
     samples = []
     for name in names:
         label_path = paired_file(name, images[name], labels, label_dir, "label")
         mask_path = paired_file(name, images[name], masks, mask_dir, "mask") if masks is not None else None
-        samples.append(read_sample(name, images[name], label_path, mask_path, values))
+        samples.append(read_sample(name, images[name], label_path, mask_path, values, threshold))
     return samples
 
 
@@ -239,31 +259,45 @@ def check_declared(count):
                         f"2..{MAX_CLASSES} (the number of classes, background included)")
 
 
-def decide_classes(root, declared=0):
+def check_threshold(threshold, declared):
+    if threshold < 0:
+        raise UserError(f"--label-threshold {threshold} is out of range: 0 reads labels as stored, T > 0 reads "
+                        f"binary masks (foreground where the value is at least T, e.g. 128 for 0/255 masks)")
+    if threshold and declared not in (0, 2):
+        raise UserError(f"--label-threshold {threshold} reads binary masks, but --folder-classes {declared} "
+                        f"declares {declared} classes; drop one of the two")
+
+
+def decide_classes(root, declared=0, threshold=0):
     """The stored label values of classes 0..K-1 (sorted). `declared` K >= 2 (FOLDER_CLASSES) means labels hold
     0..K-1; 0 decides from every label of ROOT/train (all folds, so each fold of a k-fold run gets the same
-    classes): a single nonzero value makes a binary task, more make one class per distinct value."""
+    classes): a single nonzero value makes a binary task, more make one class per distinct value. A label
+    `threshold` (LABEL_THRESHOLD) makes a binary task of masks read as value >= threshold: classes (0, 1)."""
     check_declared(declared)
-    if declared:
+    check_threshold(threshold, declared)
+    if declared and not threshold:
         return tuple(range(declared))
     image_dir, label_dir = root_folders(Path(root))
     images = image_files(image_dir, IMAGE_SUFFIXES)
-    labels = annotation_files(label_dir, "label", images, announce=False)
+    labels = annotation_files(label_dir, "label", images, announce=False, threshold=threshold)
     found = set()
     for name, image_path in images.items():
-        found |= stored_values(read_stored_label(paired_file(name, image_path, labels, label_dir, "label")))
+        label_path = paired_file(name, image_path, labels, label_dir, "label")
+        found |= stored_values(read_stored_label(label_path, threshold))
     foreground = sorted(found - {0})
     if not foreground:
-        raise UserError(f"every label in {label_dir} is 0 (background only), so there is nothing to learn; check "
-                        f"that they are the right files")
+        reached = f" at --label-threshold {threshold} (no stored value reaches it)" if threshold else ""
+        raise UserError(f"every label in {label_dir} is 0 (background only){reached}, so there is nothing to "
+                        f"learn; check that they are the right files")
     if len(foreground) == 1:
         return (0, foreground[0])
     values = tuple(sorted(found))
     if len(values) > MAX_INFERRED_CLASSES:
         shown = ", ".join(str(value) for value in values[:6])
         raise UserError(f"the labels in {label_dir} hold {len(values)} distinct values ({shown}, ...): are they "
-                        f"grey pictures or JPEG-smoothed masks? If there really are {len(values)} classes, store "
-                        f"them as 0..{len(values) - 1} and pass --folder-classes {len(values)}")
+                        f"grey pictures or JPEG-smoothed masks (binary masks: --label-threshold 128)? If there "
+                        f"really are {len(values)} classes, store them as 0..{len(values) - 1} and pass "
+                        f"--folder-classes {len(values)}")
     return values
 
 
@@ -277,8 +311,10 @@ def describe_values(values):
 def announce_classes(root, options):
     """`decide_classes` for training (the registry's hook), saying what it decided: a multi-class mapping of
     0/128/255 to classes 0/1/2 should never be a surprise."""
-    values = decide_classes(root, options.folder_classes)
+    values = decide_classes(root, options.folder_classes, options.label_threshold)
     how = f"--folder-classes {options.folder_classes}" if options.folder_classes else "the training labels"
+    if options.label_threshold:
+        how += f" read as binary masks at --label-threshold {options.label_threshold} (value >= it is foreground)"
     print(f"folder dataset: {describe_values(values)}, from {how}", file=sys.stderr)
     return values
 

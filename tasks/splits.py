@@ -16,12 +16,14 @@ class SplitOptions:
     crop_size: int = 800     # CROP_SIZE: optic disc crop side (ORIGA, Messidor)
     folder_classes: int = 0  # FOLDER_CLASSES: --dataset folder's declared class count (0: its labels decide)
     class_values: tuple = ()  # CLASS_VALUES: stored label values of classes 0..K-1, as a run recorded them
+    label_threshold: int = 0  # LABEL_THRESHOLD: --dataset folder reads binary masks as value >= it (0: as stored)
 
     @classmethod
     def from_settings(cls, settings):
         return cls(fold=settings["FOLD"], num_folds=settings["NUM_FOLDS"], crop_size=settings["CROP_SIZE"],
                    folder_classes=settings.get("FOLDER_CLASSES", 0),
-                   class_values=tuple(settings.get("CLASS_VALUES") or ()))
+                   class_values=tuple(settings.get("CLASS_VALUES") or ()),
+                   label_threshold=settings.get("LABEL_THRESHOLD", 0))
 
 
 SPLIT_SEED = 2019

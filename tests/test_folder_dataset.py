@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from PIL import Image
 
 import cli
 import tasks
@@ -385,6 +386,66 @@ def test_lossy_label_is_refused(binary_root, capsys):
     labels = binary_root / "train" / "labels"
     (labels / "case1.png").rename(labels / "case1.jpg")
     assert f"label {labels / 'case1.jpg'} is a lossy .jpg file" in train_error(binary_root, capsys)
+
+
+def jpeg_labels(root):
+    """Two training and two test images whose 0/255 labels are saved as JPEG (one as an RGB JPEG, as some
+    collections store masks); returns {name: (JPEG path, the class map it was made from)}."""
+    written = {}
+    for split, names, first in (("train", ["a", "b"], 0), ("test", ["c", "d"], 2)):
+        for index, name in enumerate(names, start=first):
+            image, classes = shapes(index)
+            save(image, root / split / "images" / f"{name}.png")
+            mask = np.where(classes > 0, 255, 0).astype(np.uint8)
+            if name == "b":
+                mask = np.repeat(mask[..., None], 3, axis=-1)
+            written[name] = (save(mask, root / split / "labels" / f"{name}.jpg"), classes > 0)
+    return written
+
+
+def test_jpeg_binary_masks_read_with_a_label_threshold(tmp_path, capsys):
+    root = tmp_path / "polyps"
+    written = jpeg_labels(root)
+    stored = np.asarray(Image.open(written["a"][0]))
+    assert len(np.unique(stored)) > 2    # the compression did smear the edges: values between 0 and 255
+    with pytest.raises(UserError, match="--label-threshold 128"):
+        decide_classes(root)
+    assert decide_classes(root, threshold=128) == (0, 1)
+    assert decide_classes(root, declared=2, threshold=128) == (0, 1)
+    samples = tasks.load_split("folder", root, "train", SplitOptions(label_threshold=128))
+    for sample in samples:
+        path, truth = written[sample.name]
+        values = np.asarray(Image.open(path))
+        values = values.max(axis=-1) if values.ndim == 3 else values
+        assert np.array_equal(sample.label, (values >= 128).astype(np.uint8))
+        assert (sample.label == truth).mean() > 0.99    # the threshold undoes the smearing
+
+
+def test_a_label_threshold_is_recorded_and_test_reads_labels_with_it(tmp_path, capsys):
+    root = tmp_path / "polyps"
+    jpeg_labels(root)
+    run(TRAIN, "--dataset", "folder", "--data-root", root, "--weights-dir", tmp_path / "w", "--run-name", "jpg",
+        "--label-threshold", "128", *ROUND_TRIP)
+    assert "read as binary masks at --label-threshold 128" in capsys.readouterr().err
+    checkpoint = tmp_path / "w" / "jpg" / "final.pth"
+    settings = torch.load(checkpoint, weights_only=True)["settings"]
+    assert settings["CLASS_VALUES"] == [0, 1] and settings["LABEL_THRESHOLD"] == 128
+    out = tmp_path / "results"
+    run(TEST, "--checkpoint", checkpoint, "--out", out, "--device", "cpu", "--tta", "false")
+    report = read_json(out / "metrics.json")
+    assert set(report["per_image"]) == {"c", "d"}
+    check_summary(report["summary"], [f"{name}" for name in ("AUC", "Acc", "Sen", "Spe", "F1", "Dice", "IoU")])
+
+
+def test_label_threshold_errors(binary_root, capsys):
+    assert "--label-threshold -1 is out of range" in train_error(binary_root, capsys, "--label-threshold", "-1")
+    line = train_error(binary_root, capsys, "--label-threshold", "128", "--folder-classes", "3")
+    assert "declares 3 classes; drop one of the two" in line
+    save(np.zeros((64, 64), np.uint8), binary_root / "train" / "labels" / "case1.png")
+    for name in ("case2", "case3", "case4"):    # 0/1 labels: no value reaches 128
+        save(shapes(1)[1].clip(0, 1), binary_root / "train" / "labels" / f"{name}.png")
+    line = train_error(binary_root, capsys, "--label-threshold", "128")
+    assert "is 0 (background only) at --label-threshold 128 (no stored value reaches it)" in line
 
 
 def test_empty_mask_is_refused(binary_root, capsys):
