@@ -145,17 +145,18 @@ def read_stored_label(path, threshold=0):
     (a red-on-black mask reads as its red values), unless that would merge two of its colours into one class.
     With `threshold` > 0 the label is a binary mask: 1 where that value is at least `threshold`, else 0."""
     array = read_array(path)
-    if threshold:
-        return thresholded(array, threshold, path)
     if array.ndim == 3 and array.shape[-1] in (3, 4):
         colour = array[..., :3]
         strongest = colour.max(axis=-1)
-        if distinct_colours(colour) > len(np.unique(strongest)):
+        # A binary mask read at a threshold needs no class per colour (and a lossy file has smeared its colours).
+        if not threshold and distinct_colours(colour) > len(np.unique(strongest)):
             raise UserError(f"label {path} is a colour image whose colours would merge into one class (e.g. pure "
                             f"red and pure green); save it as a grey or palette image of one value per class")
         array = strongest
     if array.ndim != 2:
         raise UserError(f"label {path} has shape {array.shape}; expected one 2-D label image")
+    if threshold:
+        return (array >= threshold).astype(np.uint8)
     if array.dtype == bool:
         return array.astype(np.uint8)
     if not np.issubdtype(array.dtype, np.integer):
@@ -164,16 +165,6 @@ def read_stored_label(path, threshold=0):
                             f"number per class")
         array = array.astype(np.int64)
     return array
-
-
-def thresholded(array, threshold, path):
-    """A binary mask (uint8 0/1) of a stored label: a pixel's value (a colour one's strongest channel, whose
-    colours a lossy file has smeared anyway) at least `threshold`."""
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
-        array = array[..., :3].max(axis=-1)
-    if array.ndim != 2:
-        raise UserError(f"label {path} has shape {array.shape}; expected one 2-D label image")
-    return (array >= threshold).astype(np.uint8)
 
 
 def distinct_colours(colour):
