@@ -137,6 +137,32 @@ def release_tensor(key, value):
     return half if torch.isfinite(half).all() else value
 
 
+def average_state_dicts(state_dicts, names):
+    """The element-wise mean of several state dicts of one architecture (stochastic weight averaging,
+    Izmailov et al., "Averaging weights leads to wider optima and better generalization", 2018):
+    mean[key] = (1/n) * sum_i state_dicts[i][key], summed in float64 and stored in each tensor's own dtype.
+    Integer tensors (BatchNorm's num_batches_tracked) are counters, not weights: the last dict's value is kept.
+    `names` label the dicts in the error raised when their keys or shapes differ."""
+    if len(state_dicts) < 2:
+        raise UserError("averaging needs at least two checkpoints")
+    first, first_name = state_dicts[0], names[0]
+    for state_dict, name in zip(state_dicts[1:], names[1:]):
+        differing = sorted(set(first) ^ set(state_dict))
+        if not differing:
+            differing = [key for key in first if first[key].shape != state_dict[key].shape]
+        if differing:
+            raise UserError(f"{name} and {first_name} hold different tensors (e.g. {differing[0]}); only "
+                            f"checkpoints of one architecture and class count can be averaged")
+    averaged = {}
+    for key, value in first.items():
+        if value.is_floating_point():
+            total = sum(state_dict[key].double() for state_dict in state_dicts)
+            averaged[key] = (total / len(state_dicts)).to(value.dtype)
+        else:
+            averaged[key] = state_dicts[-1][key].clone()
+    return averaged
+
+
 def read_checkpoint(path):
     path = Path(path)
     if not path.is_file():
@@ -153,6 +179,31 @@ def read_checkpoint(path):
         raise UserError(f"{path} holds a {type(payload).__name__}, not a checkpoint dictionary")
     return payload
 
+
+
+def load_initial_weights(model, path, name, preprocess):
+    """Fine-tuning: every tensor of `model` (a `name` model, to be trained with `preprocess`) from checkpoint
+    `path`, one of main.py's (a final.pth, a step_<N>.pth snapshot, a resume point, a release copy) or a bare
+    state dict. Returns a one-line status."""
+    payload = read_checkpoint(path)
+    trained = payload.get("settings") if isinstance(payload.get("settings"), dict) else {}
+    recorded = payload.get("model") or trained.get("MODEL")
+    if trained.get("PREPROCESS", preprocess) != preprocess:
+        print(f"notice: {path} was trained with --preprocess {trained['PREPROCESS']}, and this run feeds it "
+              f"--preprocess {preprocess}; give --preprocess {trained['PREPROCESS']} to keep its inputs as they "
+              f"were", file=sys.stderr)
+    if recorded and recorded != name:
+        raise UserError(f"--init-weights {path} holds a {recorded!r} model, but this run trains {name!r}; add "
+                        f"--model {recorded} or pick a checkpoint of {name!r}")
+    state_dict = payload.get("state_dict", payload)
+    if not isinstance(state_dict, dict):
+        raise UserError(f"{path} does not hold model weights")
+    state_dict = clean_state_dict(state_dict)
+    if networks.is_authors_state_dict(state_dict):
+        state_dict = networks.from_authors_names(state_dict)
+    load_state_dict_checked(unwrap(model), state_dict, path, name)
+    step = f", step {payload['step']}" if payload.get("step") is not None else ""
+    return f"weights: all from {path}{step} (--init-weights; --pretrained unused)"
 
 
 def model_from_state_dict(name, num_classes, state_dict, path):

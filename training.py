@@ -68,7 +68,11 @@ def prepare(settings, rank):
     images, labels, instances = training_tensors(settings)
     devices.seed_everything(settings["SEED"])
     model = networks.build_model(settings["MODEL"], num_classes=spec.outputs(settings))
-    status = networks.load_encoder_weights(model, settings["PRETRAINED"])
+    if settings["INIT_WEIGHTS"] and not settings["RESUME"]:  # a resumed run's own weights replace them anyway
+        status = framework.load_initial_weights(model, settings["INIT_WEIGHTS"], settings["MODEL"],
+                                                  settings["PREPROCESS"])
+    else:
+        status = networks.load_encoder_weights(model, settings["PRETRAINED"])
     say(rank, status)
     return model, images, labels, status, instances
 
