@@ -52,9 +52,31 @@ def load_run(eval_dir):
         "eval_seconds": evaluated["seconds"]["total_after_load"], "pretrained": payload.get("pretrained"),
         "train_machine": payload.get("machine"), "train_log": find_train_log(checkpoint, settings),
         "train_commit": payload.get("git_commit", "not recorded"),
-        "train_command": training_command(settings),
+        "train_command": training_command(settings) + averaging_command(payload, checkpoint),
         "eval_command": evaluation_command(checkpoint, evaluated["protocol"]),
+        "weights_from": weights_origin(payload, settings),
     }
+
+
+def weights_origin(payload, settings):
+    """Where a checkpoint's weights came from when not from one run's own steps alone: averaged by average.py,
+    or fine-tuned from another checkpoint (--init-weights); None otherwise."""
+    averaged = payload.get("averaged_from")
+    if averaged:
+        steps = [entry.get("step") for entry in averaged]
+        return f"mean of {len(steps)} checkpoints' weights (steps {', '.join(map(str, steps))})"
+    if settings.get("INIT_WEIGHTS"):
+        start = Path(settings["INIT_WEIGHTS"])
+        return f"fine-tuned from {start.parent.name}/{start.name}"
+    return None
+
+
+def averaging_command(payload, checkpoint):
+    averaged = payload.get("averaged_from")
+    if not averaged:
+        return ""
+    sources = " ".join(entry["checkpoint"] for entry in averaged)
+    return f" && python average.py {sources} --out {checkpoint}"
 
 
 def load_crossval_table(table_path, folds=None):
@@ -179,7 +201,8 @@ def distinct_titles(runs):
     apart: the training data ('CE-Net, trained on DRIVE'), the loss ('FullNet, varCE'), the augmentation
     ('CE-Net, camera augmentation'; only where recorded), the preprocessing ('CE-Net, CLAHE'), the training
     crops ('CE-Net, 512 px crops, batch 1'; only where recorded), the scale of crops and prediction ('CE-Net,
-    1.5x scale', 'CE-Net, FOV-matched scale'), the number of steps ('CE-Net, 1500 steps'), 'no TTA', the images
+    1.5x scale', 'CE-Net, FOV-matched scale'), where the weights came from ('mean of 3 checkpoints' weights (steps
+    ...)', 'fine-tuned from run/final.pth'), the number of steps ('CE-Net, 1500 steps'), 'no TTA', the images
     scored ('training and test images')."""
     for run in runs:
         run["title"] = networks.MODEL_TITLES.get(run["model"], run["model"])
@@ -193,7 +216,8 @@ def distinct_titles(runs):
             ("trained_on", trained_on), ("loss", lambda run: run.get("loss")),
             ("augment", lambda run: run.get("augment")), ("crops", crops_of), ("preprocess", preprocess_of),
             ("scale", scale_of), ("eval_scale", eval_scale_of), ("steps", lambda run: run.get("steps")),
-            ("tta", tta_of), ("split", split_of), ("postprocess", postprocess_of), ("adapt_bn", adapt_bn_of))}
+            ("tta", tta_of), ("split", split_of), ("postprocess", postprocess_of), ("adapt_bn", adapt_bn_of),
+            ("weights_from", lambda run: run.get("weights_from")))}
         for run in group:
             parts = [run["title"]]
             if differ["trained_on"]:
@@ -214,8 +238,10 @@ def distinct_titles(runs):
                 parts.append(f"{postprocess_of(run)} post-processing")
             if differ["adapt_bn"] and adapt_bn_of(run) != "none":
                 parts.append(ADAPT_BN_TITLES.get(adapt_bn_of(run), f"BatchNorm re-estimated ({adapt_bn_of(run)})"))
+            if differ["weights_from"] and run.get("weights_from"):
+                parts.append(run["weights_from"])
             told_apart = ("trained_on", "loss", "augment", "crops", "preprocess", "scale", "eval_scale", "tta", "split",
-                          "postprocess", "adapt_bn")
+                          "postprocess", "adapt_bn", "weights_from")
             if differ["steps"] or not any(differ[name] for name in told_apart):
                 parts.append(f"{run.get('steps')} steps")
             if differ["tta"] and not tta_of(run):

@@ -87,6 +87,25 @@ def test_runs_of_one_model_are_told_apart_by_loss_or_steps():
         "CE-Net, 5 steps (lr_2e-3)", "CE-Net, 5 steps (lr_3e-3)"]
 
 
+def test_averaged_and_fine_tuned_weights_are_named_in_titles_and_commands():
+    final = {"model": "fullnet", "loss": "varce", "steps": 1760, "checkpoint": "weights/run/final.pth"}
+    averaged_from = [{"checkpoint": f"weights/run/step_{step}.pth", "step": step} for step in (880, 1320)] + \
+        [{"checkpoint": "weights/run/final.pth", "step": 1760}]
+    averaged = {**final, "checkpoint": "weights/run/mean.pth",
+                "weights_from": comparison.weights_origin({"averaged_from": averaged_from}, {})}
+    tuned = {**final, "steps": 220, "checkpoint": "weights/tuned/final.pth",
+             "weights_from": comparison.weights_origin({}, {"INIT_WEIGHTS": "weights/run/final.pth"})}
+    titles = [run["title"] for run in comparison.distinct_titles([final, averaged, tuned])]
+    assert titles == ["FullNet, 1760 steps",
+                      "FullNet, mean of 3 checkpoints' weights (steps 880, 1320, 1760), 1760 steps",
+                      "FullNet, fine-tuned from run/final.pth, 220 steps"]
+    assert comparison.weights_origin({"step": 1760}, {"INIT_WEIGHTS": ""}) is None
+    assert comparison.averaging_command({"averaged_from": averaged_from}, "weights/run/mean.pth") == (
+        " && python average.py weights/run/step_880.pth weights/run/step_1320.pth weights/run/final.pth "
+        "--out weights/run/mean.pth")
+    assert comparison.averaging_command({}, "weights/run/final.pth") == ""
+
+
 def full_fake_run(model, values, steps):
     run = fake_run(values, f"gone/{model}")
     run.update(model=model, title=model, checkpoint=f"gone/{model}.pth", steps=steps, train_seconds=60.0,
