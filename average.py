@@ -66,9 +66,12 @@ def read_snapshots(paths):
 
 
 def training_differences(payloads):
-    """Settings (beyond IGNORED_DIFFERENCES) on which the checkpoints' runs differ: those of one run differ in none."""
-    keys = set().union(*(payload["settings"] for payload in payloads)) - set(IGNORED_DIFFERENCES)
-    return sorted(key for key in keys if len({repr(payload["settings"].get(key)) for payload in payloads}) > 1)
+    """Settings (beyond IGNORED_DIFFERENCES) on which the checkpoints' runs differ: those of one run differ in none.
+    A setting one checkpoint does not record (it is older than the setting) counts as today's default."""
+    defaults = {name: getattr(constants, name) for name in cli.constant_names()}
+    recorded = [{**defaults, **payload["settings"]} for payload in payloads]
+    keys = set().union(*recorded) - set(IGNORED_DIFFERENCES)
+    return sorted(key for key in keys if len({repr(settings.get(key)) for settings in recorded}) > 1)
 
 
 def settings_of(payload, data_root, device):

@@ -140,3 +140,18 @@ def test_what_cannot_be_averaged_is_one_line(snapshots, tmp_path, small_drive):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert taken.read_bytes() == b"keep me"
     assert not (tmp_path / "a.pth").exists()
+
+
+def test_only_real_differences_between_the_runs_are_named(snapshots, tmp_path):
+    final = loaded(snapshots / "final.pth")
+    older = dict(final, settings={key: value for key, value in final["settings"].items() if key != "LABEL_THRESHOLD"})
+    other_lr = dict(final, settings=dict(final["settings"], LR=1.0, SEED=5, RUN_NAME="other"))
+    torch.save(older, tmp_path / "older.pth")  # written before LABEL_THRESHOLD existed: its default, 0, applies
+    torch.save(other_lr, tmp_path / "other_lr.pth")
+    same = run_in_process("average.py", snapshots / "step_1.pth", tmp_path / "older.pth", "--out", tmp_path / "a.pth",
+                          "--bn", "keep")
+    assert same.returncode == 0 and "notice" not in same.stderr, same.stderr
+    differing = run_in_process("average.py", snapshots / "step_1.pth", tmp_path / "other_lr.pth",
+                               "--out", tmp_path / "b.pth", "--bn", "keep")
+    assert differing.returncode == 0
+    assert "notice: these checkpoints were trained with different LR, SEED; averaging them anyway" in differing.stderr
