@@ -90,6 +90,9 @@ def remeasure_batchnorm(model, settings):
     fmt = devices.inference_memory_format(device, settings["CHANNELS_LAST"])
     model.to(device, memory_format=fmt)
     crops = bool(settings["PATCH_SIZE"])
+    print(f"measuring BatchNorm statistics on {len(samples)} training images, each once through the network, on "
+          f"{devices.compute_description(device, settings['AMP'], settings['CHANNELS_LAST'], training=False)}",
+          file=sys.stderr)
     layers = inference.adapt_batchnorm(model, samples, device, amp=settings["AMP"], fmt=fmt,
                                        preprocess=settings["PREPROCESS"],
                                        scales=[settings["PATCH_SCALE"]] * len(samples) if crops else None,
