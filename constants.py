@@ -31,7 +31,7 @@ PREPROCESS = "ours"           # ours: RGB, ImageNet mean/std; authors: as the au
 # --- model ------------------------------------------------------------------------------
 MODEL = "cenet"               # see networks.MODELS (cenet, backbone, backbone_dac, ..., unet)
 PRETRAINED = "imagenet"       # "imagenet" (torchvision), "none", or a path to a ResNet-34 .pth
-INIT_WEIGHTS = ""              # a checkpoint (final.pth, step_<N>.pth, a released one) whose weights the whole model
+INIT_WEIGHTS = ""             # a checkpoint (final.pth, step_<N>.pth, a released one) whose weights the whole model
                               # starts from, for fine-tuning with a fresh optimiser and schedule; PRETRAINED is then unused
 
 # --- optimisation (paper: SGD, momentum 0.9, wd 1e-4, batch 8, poly LR from 4e-3) --------

@@ -188,10 +188,6 @@ def load_initial_weights(model, path, name, preprocess):
     payload = read_checkpoint(path)
     trained = payload.get("settings") if isinstance(payload.get("settings"), dict) else {}
     recorded = payload.get("model") or trained.get("MODEL")
-    if trained.get("PREPROCESS", preprocess) != preprocess:
-        print(f"notice: {path} was trained with --preprocess {trained['PREPROCESS']}, and this run feeds it "
-              f"--preprocess {preprocess}; give --preprocess {trained['PREPROCESS']} to keep its inputs as they "
-              f"were", file=sys.stderr)
     if recorded and recorded != name:
         raise UserError(f"--init-weights {path} holds a {recorded!r} model, but this run trains {name!r}; add "
                         f"--model {recorded} or pick a checkpoint of {name!r}")
@@ -202,6 +198,10 @@ def load_initial_weights(model, path, name, preprocess):
     if networks.is_authors_state_dict(state_dict):
         state_dict = networks.from_authors_names(state_dict)
     load_state_dict_checked(unwrap(model), state_dict, path, name)
+    if trained.get("PREPROCESS", preprocess) != preprocess:
+        print(f"notice: {path} was trained with --preprocess {trained['PREPROCESS']}, and this run feeds it "
+              f"--preprocess {preprocess}; give --preprocess {trained['PREPROCESS']} to keep its inputs as they "
+              f"were", file=sys.stderr)
     step = f", step {payload['step']}" if payload.get("step") is not None else ""
     return f"weights: all from {path}{step} (--init-weights; --pretrained unused)"
 
