@@ -46,7 +46,7 @@ def read_snapshots(paths):
     """The checkpoints' payloads, checked to be main.py checkpoints of one model, dataset and class count."""
     if len(paths) < 2:
         raise UserError("give at least two checkpoints to average")
-    if len(set(paths)) < len(paths):
+    if len({Path(path).resolve() for path in paths}) < len(paths):
         raise UserError("the same checkpoint is named twice; each should count once in the average")
     payloads = []
     for path in paths:
