@@ -68,14 +68,13 @@ def read_snapshots(paths):
 def training_differences(payloads):
     """Settings (beyond IGNORED_DIFFERENCES) on which the checkpoints' runs differ: those of one run differ in none.
     A setting one checkpoint does not record (it is older than the setting) counts as today's default."""
-    defaults = {name: getattr(constants, name) for name in cli.constant_names()}
-    recorded = [{**defaults, **payload["settings"]} for payload in payloads]
+    recorded = [{**cli.default_settings(), **payload["settings"]} for payload in payloads]
     keys = set().union(*recorded) - set(IGNORED_DIFFERENCES)
     return sorted(key for key in keys if len({repr(settings.get(key)) for settings in recorded}) > 1)
 
 
 def settings_of(payload, data_root, device):
-    settings = {name: getattr(constants, name) for name in cli.constant_names()}
+    settings = cli.default_settings()
     settings.update(payload["settings"], DEVICE=device)
     if data_root:
         settings["DATA_ROOT"] = data_root

@@ -28,6 +28,11 @@ def constant_names():
     return [name for name in vars(constants) if name.isupper()]
 
 
+def default_settings():
+    """Every constant as constants.py sets it, before a recipe or the command line."""
+    return {name: getattr(constants, name) for name in constant_names()}
+
+
 def flag(name):
     return "--" + name.lower().replace("_", "-")
 
@@ -46,7 +51,7 @@ def add_constant_flags(parser):
 def settings_from(args):
     """(settings, given): every constant as a plain dict after the recipe and the command line, and the
     set of names the command line gave explicitly."""
-    settings = {name: getattr(constants, name) for name in constant_names()}
+    settings = default_settings()
     given = {name for name in settings if getattr(args, name, None) is not None}
     for name in given:
         settings[name] = getattr(args, name)

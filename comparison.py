@@ -363,7 +363,7 @@ def find_train_log(checkpoint, settings):
 
 def training_command(settings):
     """`python main.py` with the flags that reproduce `settings` over constants.py and its recipe."""
-    defaults = {name: getattr(constants, name) for name in cli.constant_names()}
+    defaults = cli.default_settings()
     recipe = settings.get("RECIPE", "")
     defaults.update(recipes.RECIPES.get(recipe, {}))
     words = ["python main.py"] + ([f"--recipe {recipe}"] if recipe else [])
