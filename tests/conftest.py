@@ -38,6 +38,17 @@ def small_drive(drive_root, tmp_path_factory):
     return root
 
 
+@contextlib.contextmanager
+def module_folder(tmp_path_factory, name):
+    """A folder for a module-scoped fixture, removed when the module's tests are done (pytest keeps such folders
+    to the end of the run, and a module's checkpoints can take half a gigabyte)."""
+    folder = tmp_path_factory.mktemp(name)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_script(script, *args, cwd=REPO, env=None, timeout=600):
     """Run a top-level script as a user would; returns the CompletedProcess (text output)."""
     command = [sys.executable, str(REPO / script), *map(str, args)]

@@ -11,7 +11,7 @@ import inference
 import main
 import tasks
 import training
-from conftest import TINY, run_in_process
+from conftest import TINY, module_folder, run_in_process
 from errors import UserError
 
 
@@ -42,11 +42,10 @@ def test_dicts_of_different_architectures_are_refused():
 @pytest.fixture(scope="module")
 def snapshots(small_drive, tmp_path_factory):
     """A 4-step CE-Net run on two DRIVE images with snapshots at steps 1 to 3, and its final.pth (step 4)."""
-    weights = tmp_path_factory.mktemp("average_weights")
-    run = training.train(*main.parse_settings([*TINY, "--data-root", str(small_drive), "--weights-dir",
-                                               str(weights), "--run-name", "run", "--epochs", "4",
-                                               "--snapshot-every", "1", "--checkpoint-every", "0"]))
-    return run
+    with module_folder(tmp_path_factory, "average_weights") as weights:
+        yield training.train(*main.parse_settings([*TINY, "--data-root", str(small_drive), "--weights-dir",
+                                                   str(weights), "--run-name", "run", "--epochs", "4",
+                                                   "--snapshot-every", "1", "--checkpoint-every", "0"]))
 
 
 def loaded(path):

@@ -20,7 +20,7 @@ import networks
 import predict
 import prediction
 import tasks
-from conftest import run_script
+from conftest import module_folder, run_script
 from fixtures import disc_mask, fundus
 
 CPU = ["--device", "cpu", "--tta", "false"]
@@ -38,13 +38,15 @@ def tiny_checkpoint(path, dataset="drive", num_classes=1, **overrides):
 @pytest.fixture(scope="module")
 def resized(tmp_path_factory):
     """Whole images resized to 64 px: the fastest path, for everything but the size handling."""
-    return tiny_checkpoint(tmp_path_factory.mktemp("models") / "resized.pth")
+    with module_folder(tmp_path_factory, "models") as folder:
+        yield tiny_checkpoint(folder / "resized.pth")
 
 
 @pytest.fixture(scope="module")
 def native(tmp_path_factory):
     """Crop-trained (PATCH_SIZE 32): whole images at native resolution, padded, like the released model."""
-    return tiny_checkpoint(tmp_path_factory.mktemp("models") / "native.pth", PATCH_SIZE=32)
+    with module_folder(tmp_path_factory, "models") as folder:
+        yield tiny_checkpoint(folder / "native.pth", PATCH_SIZE=32)
 
 
 def run(*argv):

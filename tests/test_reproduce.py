@@ -10,6 +10,7 @@ import pytest
 
 import reproduce
 import tables
+from conftest import module_folder
 from errors import UserError
 
 # 2 recipes x (cenet with 2 seeds + backbone with 1) = 6 tiny CPU runs.
@@ -30,14 +31,14 @@ def run_reproduce(args):
 @pytest.fixture(scope="module")
 def table(small_drive, tmp_path_factory):
     """The toy table, written by one call and then asked for again (which must skip everything)."""
-    work = tmp_path_factory.mktemp("repro")
-    args = [*TOY, "--data-root", small_drive, "--weights-dir", work / "weights", "--out", work / "results"]
-    first = run_reproduce(args)
-    report_after_first = (work / "results" / "drive.json").read_text()
-    second = run_reproduce(args)
-    out = work / "results"
-    return {"work": work, "out": out, "first": first, "second": second, "first_json": report_after_first,
-            "json": json.loads((out / "drive.json").read_text()), "md": (out / "drive.md").read_text()}
+    with module_folder(tmp_path_factory, "repro") as work:
+        args = [*TOY, "--data-root", small_drive, "--weights-dir", work / "weights", "--out", work / "results"]
+        first = run_reproduce(args)
+        report_after_first = (work / "results" / "drive.json").read_text()
+        second = run_reproduce(args)
+        out = work / "results"
+        yield {"work": work, "out": out, "first": first, "second": second, "first_json": report_after_first,
+               "json": json.loads((out / "drive.json").read_text()), "md": (out / "drive.md").read_text()}
 
 
 def markdown_rows(md):

@@ -10,17 +10,17 @@ import time
 import pytest
 import torch
 
-from conftest import TINY, run_in_process, run_script
+from conftest import TINY, module_folder, run_in_process, run_script
 
 
 @pytest.fixture(scope="module")
 def trained(small_drive, tmp_path_factory):
     """One tiny real training run on 2 DRIVE images, shared by the tests below."""
-    work = tmp_path_factory.mktemp("run")
-    result = run_script("main.py", "--data-root", small_drive, "--weights-dir", work / "weights",
-                        "--run-name", "tiny", *TINY)
-    assert result.returncode == 0, result.stderr
-    return work, work / "weights" / "tiny" / "final.pth", result
+    with module_folder(tmp_path_factory, "run") as work:
+        result = run_script("main.py", "--data-root", small_drive, "--weights-dir", work / "weights",
+                            "--run-name", "tiny", *TINY)
+        assert result.returncode == 0, result.stderr
+        yield work, work / "weights" / "tiny" / "final.pth", result
 
 
 def test_training_writes_a_self_describing_checkpoint(trained):
