@@ -19,7 +19,6 @@ import fov
 import framework
 import inference
 import metrics
-import networks
 import report
 import tasks
 from errors import UserError
@@ -96,23 +95,20 @@ def load_model(path, settings, given):
     payload = framework.read_checkpoint(path)
     if payload.get("format") in (framework.CHECKPOINT_FORMAT, framework.RESUME_FORMAT):
         merged = settings_for(payload["settings"], settings, given, path)
-        state_dict = payload["state_dict"]
+        state_dict, _ = framework.weights_in(payload, path)
         num_classes = payload.get("num_classes")  # a resume point (a stopped run's last.pth) has none: its dataset's
         if payload["format"] == framework.RESUME_FORMAT:
             print(f"notice: {path} is a resume point; evaluating the weights of step {payload.get('step')}, "
                   f"before the run's last step", file=sys.stderr)
     else:
         merged = dict(settings)
-        state_dict = payload.get("state_dict", payload.get("model", payload))
         num_classes = None  # a bare state dict predicts its dataset's classes (below)
-        if isinstance(state_dict, dict):
-            state_dict = framework.clean_state_dict(state_dict)
-            if networks.is_authors_state_dict(state_dict):
-                state_dict = networks.from_authors_names(state_dict)
-                merged = settings_for(AUTHORS_TRAINING, settings, given, path)
-                print(f"notice: {path} is a CE-Net checkpoint in the authors' format; its tensors were renamed "
-                      f"to this repository's CE-Net, and it is evaluated with their preprocessing "
-                      f"({merged['PREPROCESS']}) at {merged['IMAGE_SIZE']} px", file=sys.stderr)
+        state_dict, authors = framework.weights_in(payload, path)
+        if authors:
+            merged = settings_for(AUTHORS_TRAINING, settings, given, path)
+            print(f"notice: {path} is a CE-Net checkpoint in the authors' format; its tensors were renamed "
+                  f"to this repository's CE-Net, and it is evaluated with their preprocessing "
+                  f"({merged['PREPROCESS']}) at {merged['IMAGE_SIZE']} px", file=sys.stderr)
     spec = tasks.dataset(merged["DATASET"])
     merged = spec.with_classes(merged)  # --dataset folder: the classes the checkpoint recorded, or its labels'
     expected = spec.outputs(merged)
@@ -120,8 +116,6 @@ def load_model(path, settings, given):
     if num_classes != expected:
         raise UserError(f"checkpoint {path} predicts {num_classes} classes but dataset "
                         f"{merged['DATASET']!r} has {expected}")
-    if not isinstance(state_dict, dict):
-        raise UserError(f"{path} does not hold model weights")
     model = framework.model_from_state_dict(merged["MODEL"], num_classes, state_dict, path)
     return model, merged, payload
 

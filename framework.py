@@ -181,22 +181,33 @@ def read_checkpoint(path):
 
 
 
+def weights_in(payload, path):
+    """(state dict, whether it came in the authors' CE-Net tensor names) of a checkpoint payload: ours (its
+    "state_dict"), the common {"model": state dict, "optimizer": ...} layout, or a bare state dict; wrapper
+    prefixes stripped and the authors' names mapped to this repository's."""
+    held = payload.get("state_dict")
+    if held is None and isinstance(payload.get("model"), dict):
+        held = payload["model"]
+    held = payload if held is None else held
+    if not isinstance(held, dict):
+        raise UserError(f"{path} does not hold model weights")
+    held = clean_state_dict(held)
+    if networks.is_authors_state_dict(held):
+        return networks.from_authors_names(held), True
+    return held, False
+
+
 def load_initial_weights(model, path, name, preprocess):
     """Fine-tuning: every tensor of `model` (a `name` model, to be trained with `preprocess`) from checkpoint
     `path`, one of main.py's (a final.pth, a step_<N>.pth snapshot, a resume point, a release copy) or a bare
     state dict. Returns a one-line status."""
     payload = read_checkpoint(path)
     trained = payload.get("settings") if isinstance(payload.get("settings"), dict) else {}
-    recorded = payload.get("model") or trained.get("MODEL")
+    recorded = payload["model"] if isinstance(payload.get("model"), str) else trained.get("MODEL")
     if recorded and recorded != name:
         raise UserError(f"--init-weights {path} holds a {recorded!r} model, but this run trains {name!r}; add "
                         f"--model {recorded} or pick a checkpoint of {name!r}")
-    state_dict = payload.get("state_dict", payload)
-    if not isinstance(state_dict, dict):
-        raise UserError(f"{path} does not hold model weights")
-    state_dict = clean_state_dict(state_dict)
-    if networks.is_authors_state_dict(state_dict):
-        state_dict = networks.from_authors_names(state_dict)
+    state_dict, _ = weights_in(payload, path)
     load_state_dict_checked(unwrap(model), state_dict, path, name)
     if trained.get("PREPROCESS", preprocess) != preprocess:
         print(f"notice: {path} was trained with --preprocess {trained['PREPROCESS']}, and this run feeds it "

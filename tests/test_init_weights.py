@@ -3,7 +3,9 @@ it loaded, warns of another preprocessing, and refuses what does not fit in one 
 import pytest
 import torch
 
+import evaluation
 import main
+import networks
 import training
 from conftest import REPO, TINY, run_in_process
 
@@ -76,3 +78,20 @@ def test_what_does_not_fit_is_one_line(released, small_drive, tmp_path):
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_the_common_model_and_optimizer_layout_is_read_by_training_and_test(small_drive, tmp_path):
+    """{"model": state dict saved from a DataParallel wrapper, "optimizer": ..., "epoch": N}, the layout many
+    training scripts write: --init-weights and test.py both find the weights under "model"."""
+    torch.manual_seed(1)
+    source = networks.build_model("cenet", num_classes=1)
+    wrapped = {f"module.{key}": value for key, value in source.state_dict().items()}
+    path = tmp_path / "other_script.pth"
+    torch.save({"model": wrapped, "optimizer": {"state": {}}, "epoch": 3}, path)
+    settings, given = main.parse_settings([*TINY, "--data-root", str(small_drive), "--init-weights", str(path)])
+    tuned, _, _, status, _ = training.prepare(settings, rank=0)
+    assert status == f"weights: all from {path} (--init-weights; --pretrained unused)"
+    evaluated, _, _ = evaluation.load_model(path, settings, given)
+    for key, value in source.state_dict().items():
+        assert torch.equal(tuned.state_dict()[key], value), key
+        assert torch.equal(evaluated.state_dict()[key], value), key
