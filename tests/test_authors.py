@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-import constants
 import cli
 import data
 import evaluation
@@ -234,7 +233,7 @@ def test_authors_protocol_resizes_with_opencv_in_float():
 
 
 def settings_with(**overrides):
-    settings = {name: getattr(constants, name) for name in cli.constant_names()}
+    settings = cli.default_settings()
     settings.update(DEVICE="cpu", VISDOM=False, TTA=False, **overrides)
     return settings
 

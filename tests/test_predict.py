@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 import cli
-import constants
 import devices
 import evaluation
 import fov
@@ -30,7 +29,7 @@ def tiny_checkpoint(path, dataset="drive", num_classes=1, **overrides):
     """An untrained CE-Net saved as main.py saves one: its outputs are noise, its plumbing real."""
     torch.manual_seed(0)
     model = networks.build_model("cenet", num_classes=num_classes)
-    settings = {name: getattr(constants, name) for name in cli.constant_names()}
+    settings = cli.default_settings()
     settings.update({"DATASET": dataset, "IMAGE_SIZE": 64, "PATCH_SIZE": 0, "PREPROCESS": "ours", **overrides})
     return framework.save_checkpoint(path, model, settings)
 

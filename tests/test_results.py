@@ -54,8 +54,7 @@ def test_paired_comparison_by_hand():
 
 def test_training_command_names_what_differs_from_the_recipe():
     import cli
-    import constants
-    settings = {name: getattr(constants, name) for name in cli.constant_names()}  # as a checkpoint records them
+    settings = cli.default_settings()  # as a checkpoint records them
     settings.update(RECIPE="cpu", PATCH_SIZE=256, BATCH_SIZE=4, AUGMENT="flips", OPTIMIZER="adamw", LR=2e-3,
                     WARMUP_STEPS=30, LOSS="dice_bce", EPOCHS=19, PRETRAINED="none", PREPROCESS="clahe", MODEL="unet",
                     VISDOM=False)

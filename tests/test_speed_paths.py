@@ -5,7 +5,6 @@ import torch
 
 import benchmark
 import cli
-import constants
 import devices
 import framework
 import inference
@@ -30,7 +29,7 @@ def cenet(seed=0):
 
 
 def settings_with(**overrides):
-    settings = {name: getattr(constants, name) for name in cli.constant_names()}
+    settings = cli.default_settings()
     settings.update(DEVICE="cpu", PRETRAINED="none", VISDOM=False)
     settings.update(overrides)
     return settings
